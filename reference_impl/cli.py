@@ -1,0 +1,185 @@
+"""``python -m reference_impl <command>``: every stage of the loop from the command line.
+
+Only ``argparse`` and the settings are imported at start-up; each command imports what it needs (torch, mlflow,
+...) when it runs, so ``--help`` answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .settings import Settings, SettingsError
+
+
+class CLIError(Exception):
+    """A user mistake on the command line: printed as one clear line, exit status 2."""
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(state_dir=args.state_dir, device=getattr(args, "device", None), seed=args.seed)
+
+
+def _parse_mix(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    mix = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        try:
+            mix[name.strip()] = float(weight)
+        except ValueError:
+            raise CLIError(f"--class-mix expects name=weight pairs like good=0.7,crack=0.3; got {part!r}") from None
+    return mix
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import data
+
+    classes = data.CLASSES + (data.NOVEL_CLASSES if args.novel else ())
+    images = data.generate(args.n, seed=args.seed, condition=args.condition, severity=args.severity,
+                           size=args.size, class_mix=_parse_mix(args.class_mix), classes=classes,
+                           bit_depth=args.bit_depth)  # fmt: skip
+    manifest = data.write_dataset(images, args.out)
+    print(f"wrote {len(images)} images {images.class_counts()} and {manifest}")
+    if args.grid:
+        print(f"sample grid: {data.save_grid(images, args.grid)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import data, training
+    from .packaging import save_bundle
+
+    settings = _settings(args)
+    if args.data:
+        dataset = data.load_folder(args.data)
+        manifest = Path(args.data) / data.MANIFEST_NAME
+        manifest = manifest if manifest.exists() else None
+    else:
+        dataset = data.generate(args.n, seed=settings.seed)
+        out = settings.data_dir / f"baseline-seed{settings.seed}-n{args.n}"
+        manifest = out / data.MANIFEST_NAME
+        if not manifest.exists():
+            data.write_dataset(dataset, out)
+    result = training.train_model(dataset, training.TrainConfig(epochs=args.epochs, seed=settings.seed,
+                                                                device=settings.device))  # fmt: skip
+    bundle = save_bundle(result, args.out, model_name=settings.model_name, model_version=args.version,
+                         data_manifest=manifest)  # fmt: skip
+    training.save_metrics(result, Path(args.out).with_name(Path(args.out).name + "-metrics"))
+    print(f"test accuracy {result.metrics['accuracy']:.2%} in {result.seconds:.1f} s; bundle: {bundle}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .packaging import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    print(f"OK: {bundle.path} version {bundle.version}, {len(bundle.files)} files verified, sha256 {bundle.sha256}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .packaging import export_onnx, export_torchscript, load_bundle
+
+    bundle = load_bundle(args.bundle)
+    out = Path(args.out or Path(args.bundle).with_suffix(".onnx" if args.format == "onnx" else ".pt"))
+    (export_onnx if args.format == "onnx" else export_torchscript)(bundle, out)
+    print(f"{args.format} export matches the eager model: {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data import decode_image
+    from .inference import Predictor
+
+    predictor = Predictor.from_path(args.bundle, device=_settings(args).device)
+    for path in args.images:
+        print(json.dumps({"file": path, **predictor.predict_one(decode_image(path))}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .loop import DemoConfig, run_demo
+
+    run_demo(_settings(args), DemoConfig(condition=args.condition, severity=args.severity, fast=args.fast))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import CONDITIONS  # numpy only: cheap
+
+    parser = argparse.ArgumentParser(
+        prog="python -m reference_impl", description="Every stage of the weld-defect production loop."
+    )
+    parser.add_argument("--state-dir", type=Path, help="where data, bundles and logs live (default ./.mlops or "
+                        "$MLOPS_STATE_DIR)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default 0 or $MLOPS_SEED)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (e.g. training epochs)")
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("demo", cmd_demo, "run the production loop end to end on embedded defaults")
+    p.add_argument("--condition", choices=CONDITIONS[1:], default="new_camera", help="line condition to switch to")
+    p.add_argument("--severity", type=float, default=0.6, help="severity of the condition in [0, 1]")
+    p.add_argument("--fast", action="store_true", help="tiny data and one epoch (smoke test)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+
+    p = add("generate", cmd_generate, "generate synthetic weld radiographs into a class-per-folder dataset")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("-n", type=int, default=1000, help="number of images")
+    p.add_argument("--condition", choices=CONDITIONS, default="baseline")
+    p.add_argument("--severity", type=float, default=0.0)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
+    p.add_argument("--class-mix", help="defect mix, e.g. good=0.7,porosity=0.1,crack=0.1,lack_of_fusion=0.1")
+    p.add_argument("--novel", action="store_true", help="also generate the novel tungsten_inclusion defect")
+    p.add_argument("--grid", type=Path, help="also write a PNG grid of samples here")
+
+    p = add("train", cmd_train, "train a model and package it as a bundle")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+    p.add_argument("--data", type=Path, help="class-per-folder dataset (default: generate baseline data)")
+    p.add_argument("-n", type=int, default=5000, help="images to generate when --data is not given")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--version", help="model version recorded in the bundle (default: a timestamp)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+
+    p = add("verify", cmd_verify, "verify a bundle's hashes and load it")
+    p.add_argument("bundle", type=Path)
+
+    p = add("export", cmd_export, "export a bundle to ONNX or TorchScript (checked against the eager model)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", type=Path)
+
+    p = add("predict", cmd_predict, "predict image files with a bundle (one JSON line per image)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from .data import DatasetError
+    from .model import SpecError
+    from .packaging import BundleError
+
+    try:
+        return args.func(args)
+    except (CLIError, SettingsError, DatasetError, SpecError, BundleError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

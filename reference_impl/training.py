@@ -1,0 +1,287 @@
+"""Train, validate and evaluate the weld-defect classifier.
+
+Chapter: "The production loop" (train) and "Retraining". Training is the first stage of the loop and it is run
+again and again: the same function trains the first champion and every challenger, so a retrained model differs
+only in its data, never in how it was prepared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .data import FolderDataset, WeldImages
+from .model import ModelSpec, PreprocessSpec, build_model, build_transform, resolve_device, seed_everything
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run. Defaults reach >= 98% on baseline data in about a minute on 2 cores."""
+
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 4e-3
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    device: str = "auto"
+    width: int = 16
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0; got {self}")
+        if not (
+            0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1
+        ):
+            raise ValueError("val_fraction and test_fraction must be in [0, 1) and leave some data for training")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produces: the model plus everything a bundle must record about it."""
+
+    model: Any
+    model_spec: ModelSpec
+    preprocess: PreprocessSpec
+    classes: tuple[str, ...]
+    metrics: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    splits: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: float = 0.0
+    config: TrainConfig = field(default_factory=TrainConfig)
+
+
+def split_indices(n: int, seed: int, val_fraction: float, test_fraction: float) -> dict[str, np.ndarray]:
+    """Shuffle once by seed and cut into train / val / test: the same seed always gives the same split."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = round(n * test_fraction)
+    n_val = round(n * val_fraction)
+    return {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+
+
+def preprocess_batch(images: np.ndarray | Sequence[np.ndarray], spec: PreprocessSpec) -> torch.Tensor:
+    """Apply ``build_transform(spec)`` to many images at once -> ``(N, C, H, W)`` tensor.
+
+    A stack of same-sized images goes through the pipeline as one batch (fast); a list of differently sized
+    images (a folder of real radiographs) goes through it one by one. Either way it is the same transform.
+    """
+    import torch
+
+    transform = build_transform(spec)
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        batch = torch.from_numpy(images.astype(np.float32) / 65535.0 if images.dtype == np.uint16 else images)
+        return transform(batch[:, None])
+    if len(images) == 0:
+        return torch.empty((0, spec.channels, *spec.size), dtype=getattr(torch, spec.dtype))
+    return torch.stack([transform(img) for img in images])
+
+
+def fit_preprocess_spec(images: np.ndarray | Sequence[np.ndarray], size: tuple[int, int] = (64, 64)) -> PreprocessSpec:
+    """Normalisation statistics from the *training* images (never from validation or test data)."""
+    stats = PreprocessSpec(size=size, mean=(0.0,), std=(1.0,))
+    x = preprocess_batch(images, stats)
+    return PreprocessSpec(size=size, mean=(round(float(x.mean()), 4),), std=(round(float(x.std()), 4),))
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, per-class precision / recall / F1 / support, and the confusion matrix (rows = true class)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    k = len(classes)
+    cm = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+    per_class = {}
+    for i, name in enumerate(classes):
+        tp = int(cm[i, i])
+        predicted, actual = int(cm[:, i].sum()), int(cm[i, :].sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    return {
+        "accuracy": float((y_true == y_pred).mean()) if y_true.size else 0.0,
+        "n": int(y_true.size),
+        "per_class": per_class,
+        "macro_f1": float(np.mean([m["f1"] for m in per_class.values()])) if per_class else 0.0,
+        "confusion_matrix": cm.tolist(),
+        "classes": list(classes),
+    }
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """Eval-mode logits in batches; autocast (mixed precision) only on CUDA, where it pays off."""
+    import torch
+
+    model.eval()
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size].to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                outs.append(model(xb).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def evaluate(
+    model: nn.Module,
+    images: np.ndarray | Sequence[np.ndarray],
+    labels: np.ndarray,
+    spec: PreprocessSpec,
+    classes: Sequence[str],
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Metrics of ``model`` on labelled images, preprocessed with ``spec``."""
+    dev = resolve_device(device)
+    model.to(dev)
+    logits = predict_logits(model, preprocess_batch(images, spec), dev)
+    return classification_metrics(np.asarray(labels), logits.argmax(1).numpy(), classes)
+
+
+def _augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Horizontal flips only: a weld looks the same from either end, while other changes (blur, brightness) are
+    exactly the drift we want monitoring, not training, to reveal."""
+    import torch
+
+    flip = torch.rand(len(xb), generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+
+
+def train_model(
+    data: WeldImages | FolderDataset, config: TrainConfig | None = None, *, init_state: dict | None = None
+) -> TrainResult:
+    """Train from scratch (or from ``init_state``, for fine-tuning a challenger) and evaluate on the test split.
+
+    The model with the best validation accuracy is kept (early-stopping style), so an unlucky last epoch does
+    not become the shipped model.
+    """
+    import torch
+    from torch import nn
+
+    config = config or TrainConfig()
+    start = time.perf_counter()
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    labels = np.asarray(data.labels)
+    splits = split_indices(len(labels), config.seed, config.val_fraction, config.test_fraction)
+
+    def take(idx: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        if isinstance(data.images, np.ndarray):
+            return data.images[idx]
+        return [data.images[i] for i in idx]
+
+    size = tuple(data.images.shape[-2:]) if isinstance(data.images, np.ndarray) else (64, 64)
+    spec = fit_preprocess_spec(take(splits["train"]), size=size)  # type: ignore[arg-type]
+    x = {name: preprocess_batch(take(idx), spec) for name, idx in splits.items()}
+    y = {name: torch.from_numpy(labels[idx]) for name, idx in splits.items()}
+
+    model_spec = ModelSpec(num_classes=len(data.classes), in_channels=spec.channels, width=config.width)
+    model = build_model(model_spec)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model.to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, int(np.ceil(len(y["train"]) / config.batch_size)))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(config.seed)
+    history: list[dict[str, float]] = []
+    best_state, best_val = None, -1.0
+    for epoch in range(config.epochs):
+        model.train()
+        order = torch.randperm(len(y["train"]), generator=gen)
+        total_loss = 0.0
+        for step in range(steps_per_epoch):
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            xb, yb = x["train"][idx], y["train"][idx]
+            if config.augment:
+                xb = _augment(xb, gen)
+            xb, yb = xb.to(device), yb.to(device)
+            optimiser.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                loss = loss_fn(model(xb), yb)
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+            scheduler.step()
+            total_loss += float(loss.detach()) * len(idx)
+        val_acc = (
+            float((predict_logits(model, x["val"], device).argmax(1) == y["val"]).float().mean())
+            if len(y["val"])
+            else float("nan")
+        )
+        history.append({"epoch": epoch + 1, "loss": total_loss / len(y["train"]), "val_accuracy": val_acc})
+        log.info("epoch %d: loss %.4f, val accuracy %.4f", epoch + 1, history[-1]["loss"], val_acc)
+        if not val_acc <= best_val:  # also true for NaN (no validation split): keep the latest
+            best_val = val_acc
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.to("cpu").eval()
+    test_metrics = classification_metrics(
+        y["test"].numpy(), predict_logits(model, x["test"], torch.device("cpu")).argmax(1).numpy(), data.classes
+    )
+    test_metrics["val_accuracy"] = best_val
+    return TrainResult(
+        model=model,
+        model_spec=model_spec,
+        preprocess=spec,
+        classes=tuple(data.classes),
+        metrics=test_metrics,
+        history=history,
+        splits=splits,
+        seconds=time.perf_counter() - start,
+        config=config,
+    )
+
+
+def save_metrics(result: TrainResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``metrics.json`` (with the training config and history) and ``confusion_matrix.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.json"
+    payload = {"test": result.metrics, "history": result.history, "config": asdict(result.config),
+               "train_seconds": round(result.seconds, 2)}  # fmt: skip
+    metrics_path.write_text(json.dumps(payload, indent=2))
+    plot_path = plot_confusion(result.metrics, out / "confusion_matrix.png")
+    return {"metrics": metrics_path, "confusion_matrix": plot_path}
+
+
+def plot_confusion(metrics: dict[str, Any], path: str | Path) -> Path:
+    """A confusion-matrix heat map with counts: where does the model confuse which defect?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(metrics["confusion_matrix"])
+    classes = metrics["classes"]
+    fig, ax = plt.subplots(figsize=(4.8, 4.2), dpi=110)
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"test accuracy {metrics['accuracy']:.3f} (n={metrics['n']})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
