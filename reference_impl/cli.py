@@ -41,8 +41,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from . import data
 
     classes = data.CLASSES + (data.NOVEL_CLASSES if args.novel else ())
-    images = data.generate(args.n, seed=args.seed, condition=args.condition, severity=args.severity,
-                           size=args.size, class_mix=_parse_mix(args.class_mix), classes=classes,
+    # --seed defaults to None (meaning $MLOPS_SEED or 0): resolve it through the settings like other commands.
+    # Building the LineCondition here makes "--severity 0.5" without a --condition an error, not a silent baseline.
+    condition = data.LineCondition(args.condition, args.severity)
+    images = data.generate(args.n, seed=_settings(args).seed, condition=condition, size=args.size,
+                           class_mix=_parse_mix(args.class_mix), classes=classes,
                            bit_depth=args.bit_depth)  # fmt: skip
     manifest = data.write_dataset(images, args.out)
     print(f"wrote {len(images)} images {images.class_counts()} and {manifest}")

@@ -296,7 +296,9 @@ def encode_png(image: np.ndarray) -> bytes:
 
     buf = io.BytesIO()
     if image.dtype == np.uint16:
-        Image.fromarray(image.astype("<u2"), mode="I;16").save(buf, format="PNG")
+        # frombytes with an explicit raw mode: Pillow >= 12 rejects fromarray(..., mode="I;16") for uint16 arrays
+        height, width = image.shape
+        Image.frombytes("I;16", (width, height), image.astype("<u2").tobytes()).save(buf, format="PNG")
     else:
         Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L").save(buf, format="PNG")
     return buf.getvalue()

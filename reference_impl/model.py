@@ -90,11 +90,14 @@ def build_transform(spec: PreprocessSpec) -> Any:
     return v2.Compose(
         [
             v2.Lambda(_as_image_tensor),
-            v2.Lambda(lambda t: _match_channels(t, spec.channels)),
+            # scale to float *before* colour conversion: grayscale of uint8 truncates (a gray RGB export would
+            # reach the network one level darker than the same image saved as grayscale)
             v2.ToDtype(torch.float32, scale=True),
+            v2.Lambda(lambda t: _match_channels(t, spec.channels)),
             v2.Resize(spec.size, antialias=True),
             v2.Normalize(spec.mean, spec.std),
             v2.ToDtype(target),
+            v2.ToPureTensor(),  # a plain tensor: safe to torch.save / load with weights_only, and to send anywhere
         ]
     )
 
@@ -111,6 +114,8 @@ def _as_image_tensor(img: Any) -> torch.Tensor:
         arr = np.asarray(img)  # PIL images convert here too
         if arr.dtype == np.uint16:
             arr = arr.astype(np.float32) / 65535.0
+        elif not arr.flags.writeable:  # PIL images and decoded uploads are read-only; torch warns on those
+            arr = arr.copy()
         tensor = torch.from_numpy(np.ascontiguousarray(arr))
         tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)  # HWC -> CHW
     if tensor.dtype == torch.uint16:

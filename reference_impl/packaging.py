@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import pickle
 import platform
 import subprocess
 from dataclasses import dataclass, field
@@ -230,7 +231,9 @@ def load_bundle(bundle_dir: str | Path, *, verify: bool = True) -> Bundle:
         # weights_only=True: unpickling arbitrary objects could execute code, a state_dict needs none of that
         state = torch.load(root / "weights.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except (RuntimeError, OSError, EOFError) as exc:  # pickle errors surface as these from torch.load
+    # torch.load reports a damaged file as RuntimeError/EOFError, a refused (non-weights) pickle as
+    # UnpicklingError, and a pickle that is not a state_dict fails load_state_dict with TypeError
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, TypeError) as exc:
         raise BundleError(f"{root / 'weights.pt'}: cannot load weights into the network ({exc})") from exc
     model.eval()
     return Bundle(root, model, model_spec, preprocess, classes, _read_json(root / "metadata.json"), files)

@@ -1,0 +1,189 @@
+"""The grading pipeline: release == generated, nothing leaks, solutions score full, blanks score zero, mutants lose.
+
+Autograding runs each notebook in a real kernel, so these tests are slow; the labs share one cached baseline model
+(MLOPS_STATE_DIR points every kernel at the same state dir) so only the first run trains.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from courseware import grading
+
+REPO = grading.REPO_ROOT
+ASSIGNMENTS = grading.assignments()
+MUTANT_DIR = Path(__file__).parent / "mutants"
+
+
+def _cells(nb: dict) -> list[dict]:
+    return nb["cells"]
+
+
+def _nbgrader(cell: dict) -> dict:
+    return cell.get("metadata", {}).get("nbgrader", {})
+
+
+def _source(cell: dict) -> str:
+    src = cell["source"]
+    return "".join(src) if isinstance(src, list) else src
+
+
+def _source_notebooks() -> list[Path]:
+    return sorted((REPO / "solutions").glob("*/*.ipynb"))
+
+
+def _blocks(text: str, begin: str, end: str) -> list[str]:
+    return re.findall(rf"{re.escape(begin)}\n(.*?){re.escape(end)}", text, flags=re.S)
+
+
+@pytest.fixture(scope="module")
+def lab_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lab-state")
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory: pytest.TempPathFactory) -> grading.GradingCourse:
+    return grading.GradingCourse(tmp_path_factory.mktemp("course"))
+
+
+@pytest.fixture
+def shared_state(monkeypatch: pytest.MonkeyPatch, lab_state: Path) -> Path:
+    """Every notebook kernel in this module uses one state dir, so the baseline model is trained once."""
+    monkeypatch.setenv("MLOPS_STATE_DIR", str(lab_state))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{lab_state / 'mlflow.db'}")
+    return lab_state
+
+
+def test_there_are_labs() -> None:
+    assert "lab01-packaging" in ASSIGNMENTS
+
+
+@pytest.mark.parametrize("path", _source_notebooks() + sorted((REPO / "labs").glob("*/*.ipynb")), ids=str)
+def test_notebooks_are_committed_without_outputs(path: Path) -> None:
+    nb = json.loads(path.read_text())
+    for cell in _cells(nb):
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [] and cell.get("execution_count") is None, f"{path}: strip outputs"
+
+
+@pytest.mark.grading
+@pytest.mark.parametrize("aid", ASSIGNMENTS)
+def test_committed_release_equals_generated(aid: str, course: grading.GradingCourse) -> None:
+    fresh = course.release_dir(aid)
+    committed = REPO / "labs" / aid
+    assert sorted(p.name for p in fresh.iterdir()) == sorted(p.name for p in committed.iterdir()), (
+        "labs/ and a fresh release contain different files: run `make release`"
+    )
+    for nb_path in fresh.glob("*.ipynb"):
+        grading.strip_outputs(nb_path)
+        assert json.loads(nb_path.read_text()) == json.loads((committed / nb_path.name).read_text()), (
+            f"labs/{aid}/{nb_path.name} is out of date with solutions/: run `make release`"
+        )
+
+
+@pytest.mark.parametrize("aid", ASSIGNMENTS)
+def test_release_leaks_no_solutions_hidden_tests_or_keys(aid: str) -> None:
+    source = json.loads((REPO / "solutions" / aid / f"{aid}.ipynb").read_text())
+    release_text = "\n".join(_source(c) for c in _cells(json.loads((REPO / "labs" / aid / f"{aid}.ipynb").read_text())))
+    for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"):
+        assert marker not in release_text
+    secret_lines, public_text = set(), []
+    for cell in _cells(source):
+        text = _source(cell)
+        blocks = _blocks(text, "### BEGIN SOLUTION", "### END SOLUTION") + _blocks(
+            text, "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
+        )
+        for block in blocks:
+            secret_lines |= {ln.strip() for ln in block.splitlines() if len(ln.strip()) > 25}
+            text = text.replace(block, "")
+        public_text.append(text)
+    # A line that also appears in the public part of the source (e.g. a list of candidates) is not a secret.
+    secret_lines = {ln for ln in secret_lines if ln not in "\n".join(public_text)}
+    assert secret_lines, "the source notebook should contain solutions and hidden tests"
+    leaked = sorted(ln for ln in secret_lines if ln in release_text)
+    assert not leaked, f"lines from solutions/hidden tests appear in the release: {leaked[:5]}"
+
+
+@pytest.mark.parametrize("aid", ASSIGNMENTS)
+def test_every_autograded_exercise_has_a_mutant(aid: str) -> None:
+    source = json.loads((REPO / "solutions" / aid / f"{aid}.ipynb").read_text())
+    solution_cells = {
+        _nbgrader(c)["grade_id"] for c in _cells(source) if c["cell_type"] == "code" and _nbgrader(c).get("solution")
+    }
+    test_cells = {
+        _nbgrader(c)["grade_id"] for c in _cells(source) if _nbgrader(c).get("grade") and c["cell_type"] == "code"
+    }
+    mutants = yaml.safe_load((MUTANT_DIR / f"{aid}.yaml").read_text())
+    assert {m["cell"] for m in mutants} == solution_cells, "every solution cell needs at least one mutant"
+    assert {f for m in mutants for f in m["fails"]} == test_cells, "every graded test cell must catch some mutant"
+
+
+def _autograde_with_no_errors(course: grading.GradingCourse, aid: str, student: str, nb: dict) -> grading.GradeReport:
+    report = course.autograde(aid, student, {aid: nb})
+    graded = json.loads((course.workdir / "autograded" / student / aid / f"{aid}.ipynb").read_text())
+    for cell in _cells(graded):
+        if cell["cell_type"] != "code" or _nbgrader(cell).get("grade"):
+            continue  # errors in test cells are what grading is about
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        if errors and student == "solution":
+            raise AssertionError(f"{aid}: cell {_nbgrader(cell).get('grade_id')} raised {errors[0].get('ename')}")
+    return report
+
+
+@pytest.mark.slow
+@pytest.mark.grading
+@pytest.mark.parametrize("aid", ASSIGNMENTS)
+def test_solution_scores_full_marks(aid: str, course: grading.GradingCourse, shared_state: Path) -> None:
+    nb = grading.load_notebook(REPO / "solutions" / aid / f"{aid}.ipynb")
+    report = _autograde_with_no_errors(course, aid, "solution", nb)
+    assert report.auto_max >= 10, f"{aid}: at least 10 autograded points, found {report.auto_max}"
+    assert report.auto_score == report.auto_max, f"{aid}: solution failed {report.failed()}"
+    assert report.manual, f"{aid}: needs at least one manually graded written answer"
+
+
+@pytest.mark.slow
+@pytest.mark.grading
+@pytest.mark.parametrize("aid", ASSIGNMENTS)
+def test_untouched_release_scores_zero(aid: str, course: grading.GradingCourse, shared_state: Path) -> None:
+    nb = grading.load_notebook(REPO / "labs" / aid / f"{aid}.ipynb")
+    report = course.autograde(aid, "blank", {aid: nb})
+    assert report.auto_max > 0
+    assert report.auto_score == 0, (
+        f"{aid}: the blank release earned points in {[k for k, v in report.cells.items() if v[0]]}"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.grading
+@pytest.mark.parametrize("aid", ASSIGNMENTS)
+def test_realistic_mistakes_lose_points(aid: str, course: grading.GradingCourse, shared_state: Path) -> None:
+    """Each mutant must lose the points of the cells it names and nothing else.
+
+    Mutants of different exercises are independent, so one submission carries one mutant per exercise ("rounds"):
+    the same checks with a fraction of the kernel start-ups.
+    """
+    solution = grading.load_notebook(REPO / "solutions" / aid / f"{aid}.ipynb")
+    mutants = yaml.safe_load((MUTANT_DIR / f"{aid}.yaml").read_text())
+    by_cell: dict[str, list[dict]] = {}
+    for m in mutants:
+        by_cell.setdefault(m["cell"], []).append(m)
+    rounds = max(len(v) for v in by_cell.values())
+    for r in range(rounds):
+        nb, in_round = solution, []
+        for ms in by_cell.values():
+            if r < len(ms):
+                nb = grading.replace_cell(nb, ms[r]["cell"], ms[r]["source"])
+                in_round.append(ms[r])
+        report = course.autograde(aid, f"mutant-round-{r}", {aid: nb})
+        expected_failures = {f for m in in_round for f in m["fails"]}
+        for m in in_round:
+            for gid in m["fails"]:
+                score, mx = report.cells[gid]
+                assert score < mx, f"mutant {m['name']!r} ({m['why']}) was not caught by {gid}"
+        unexpected = set(report.failed()) - expected_failures
+        assert not unexpected, f"round {r}: cells {sorted(unexpected)} failed although no mutant targets them"
