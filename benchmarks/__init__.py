@@ -1,0 +1,1 @@
+"""Performance and quality measurements (`make bench`). Tests never assert timings; these scripts report them."""
