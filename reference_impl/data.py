@@ -339,29 +339,52 @@ def write_dataset(data: WeldImages, out_dir: str | Path) -> Path:
     return manifest
 
 
-def decode_image(data: bytes | str | Path, *, name: str | None = None) -> np.ndarray:
+# Modes we accept: grayscale (1, L, P, LA), 16-bit grayscale (I;16*, I) and colour (RGB, RGBA, converted to
+# luminance). Print-oriented or float modes (CMYK, YCbCr, LAB, HSV, F) are rejected: they are not what an X-ray
+# detector or its viewer exports, so receiving one almost always means the wrong file was sent.
+SUPPORTED_MODES = ("1", "L", "P", "LA", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageTooLargeError(DatasetError):
+    """The image has more pixels than allowed (a decompression bomb, or simply the wrong file)."""
+
+
+def decode_image(data: bytes | str | Path, *, name: str | None = None, max_pixels: int | None = None) -> np.ndarray:
     """Decode PNG/JPEG/TIFF (8- or 16-bit, gray, RGB or RGBA) to a 2-D uint8 or uint16 array.
 
     Colour images are converted to luminance: radiographs are grayscale, and a colour export from a viewer
     should not become a different input to the model. Raises ``DatasetError`` naming the file when the bytes
-    are not a readable image.
+    are not a readable image, and ``ImageTooLargeError`` when ``max_pixels`` is given and exceeded; the size is
+    checked from the header *before* decoding, so a tiny compressed file cannot expand into gigabytes.
     """
     from PIL import Image, UnidentifiedImageError
 
     label = name or (str(data) if isinstance(data, str | Path) else "<bytes>")
+    if isinstance(data, bytes) and not data:
+        raise DatasetError(f"{label}: empty input; send the bytes of a PNG, JPEG or TIFF file")
     try:
         source = io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb")  # noqa: SIM115
         with source, Image.open(source) as im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{label}: image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
+                )
+            if im.mode not in SUPPORTED_MODES:
+                raise DatasetError(f"{label}: unsupported image mode {im.mode!r}; send grayscale (8- or 16-bit), "
+                                   "RGB or RGBA")  # fmt: skip
             im.load()  # force full decode now so a truncated file fails here, not later in training
-            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+            if im.mode.startswith("I;16"):
                 arr = np.asarray(im, dtype=np.uint16)
             elif im.mode == "I":  # 32-bit container, typically holding 16-bit TIFF data
                 arr = np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
-            elif im.mode == "F":
-                raise DatasetError(f"{label}: floating-point images are not supported; export 8- or 16-bit")
             else:
                 arr = np.asarray(im.convert("L"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, for images far beyond any sane limit
+        raise ImageTooLargeError(f"{label}: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise DatasetError(f"{label}: not a PNG, JPEG or TIFF image (unrecognised file format)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, DatasetError):
             raise
         raise DatasetError(f"{label}: not a readable PNG/JPEG/TIFF image ({exc})") from exc

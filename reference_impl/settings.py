@@ -12,6 +12,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the policy module (and pyyaml) load only when a stage first reads settings.policy
+    from .policy import Policy
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -33,6 +37,8 @@ class Settings:
     model_name: str = "weld-defect"
     device: str = "auto"
     seed: int = 0
+    # The organisation's policy numbers, loaded on first use of ``.policy`` (see the property below).
+    _policy: Policy | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser().resolve())
@@ -61,6 +67,26 @@ class Settings:
     def with_(self, **changes: object) -> Settings:
         """A copy with some fields changed (settings are immutable so stages can't surprise each other)."""
         return replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def policy(self) -> Policy:
+        """The organisation's policy: drift thresholds, alert routes, retraining cadence, promotion gate, SLOs.
+
+        Read from the SME overlay on first use (``$MLOPS_OVERLAY``, else ``chapters/organization.yaml``, else
+        built-in defaults; see ``reference_impl/policy.py``), so a malformed overlay stops only the stages that
+        need the policy, each with a message naming the key to fix.
+        """
+        if self._policy is None:
+            from .policy import load_policy
+
+            object.__setattr__(self, "_policy", load_policy())  # frozen dataclass: cache without a public setter
+        return self._policy  # type: ignore[return-value]
+
+    def with_policy(self, policy: Policy) -> Settings:
+        """A copy that uses ``policy`` instead of the overlay's, e.g. ``s.with_policy(s.policy.override({...}))``."""
+        copy = replace(self)
+        object.__setattr__(copy, "_policy", policy)
+        return copy
 
     # Derived locations: one place decides the layout of the state dir.
     @property

@@ -1,0 +1,225 @@
+"""The real-time inference server: FastAPI app factory and the v1 routes. Chapter: "Serving predictions".
+
+Routes:
+
+- ``POST /v1/predict`` (one image: multipart upload or raw body) and ``POST /v1/predict/batch`` (several files);
+- ``GET /v1/model``: what is loaded; ``POST /v1/admin/reload``: hot reload from the registry (API key);
+- ``GET /metrics``: Prometheus; ``/v2/...``: the Open Inference Protocol (see ``v2.py``);
+- liveness (process is up) is separate from readiness (model loaded *and* warmed up), as Kubernetes probes expect.
+
+Every client mistake is a 4xx with a JSON body ``{"error": "..."}`` that says what was wrong.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..settings import Settings
+from .config import ServingConfig
+from .metrics import ServerMetrics
+from .service import ClientError, DecodedImage, InferenceService, decode_file
+
+log = logging.getLogger(__name__)
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/tiff", "application/octet-stream")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id_of(request: Request) -> str:
+    """The caller's X-Request-ID if it is sane (used for canary routing and tracing), else a new one."""
+    given = request.headers.get("x-request-id")
+    if given is None:
+        return uuid.uuid4().hex
+    if not _REQUEST_ID.match(given):
+        raise ClientError(400, "X-Request-ID must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
+    return given
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes *while reading* (a lying or absent Content-Length
+    cannot make us buffer an unbounded upload)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ClientError(400, "Content-Length must be a number")
+        if int(declared) > limit:
+            raise ClientError(413, f"payload of {int(declared):,} bytes exceeds the limit of {limit:,} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ClientError(413, f"payload exceeds the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_images(request: Request, config: ServingConfig, *, many: bool) -> list[DecodedImage]:
+    """Images from a multipart form (any file fields) or a raw image body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, config.max_body_bytes)
+    if ctype == "multipart/form-data":
+        # The body is already read (with the size limit); Starlette's form parser reads from this cached copy.
+        request._body = body
+        try:
+            form = await request.form(max_files=config.max_images_per_request, max_fields=16)
+        except (ValueError, KeyError, AssertionError) as exc:
+            raise ClientError(400, f"malformed multipart body: {exc}") from exc
+        files = [v for _, v in form.multi_items() if hasattr(v, "read")]
+        if not files:
+            raise ClientError(400, "multipart request has no file field; send the image as e.g. -F file=@weld.png")
+        if not many and len(files) > 1:
+            raise ClientError(400, f"{len(files)} files sent to /v1/predict; use /v1/predict/batch for several")
+        payloads = [(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
+    elif ctype in IMAGE_TYPES or ctype.startswith("image/"):
+        payloads = [("body", body)]
+    elif not ctype:
+        raise ClientError(415, "missing Content-Type; send image/png (raw body) or multipart/form-data")
+    else:
+        raise ClientError(415, f"unsupported Content-Type {ctype!r}; send an image (image/png, image/jpeg, "
+                               "image/tiff) or multipart/form-data")  # fmt: skip
+    from starlette.concurrency import run_in_threadpool
+
+    return [await run_in_threadpool(decode_file, payload, config.max_pixels, name) for name, payload in payloads]
+
+
+def _check_key(given: str | None, expected: str) -> bool:
+    # compare_digest takes the same time however many characters match: no timing side channel.
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def create_app(settings: Settings | None = None, config: ServingConfig | None = None) -> FastAPI:
+    """Build the app. The model loads in the lifespan, so readiness turns true only once it can answer."""
+    settings = settings or Settings.from_env()
+    config = config or ServingConfig.from_env()
+    metrics = ServerMetrics()
+    service = InferenceService(settings, config, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()  # drains the batch queue and flushes the prediction log (SIGTERM included)
+
+    app = FastAPI(title="Weld defect inference server", version="1.0", lifespan=lifespan,
+                  description="Reference server for the course chapter 'Serving predictions'.")  # fmt: skip
+    app.state.service = service
+    app.state.metrics = metrics
+    app.state.config = config
+
+    def require_admin(request: Request) -> None:
+        if config.admin_key is None:
+            raise ClientError(403, "the admin API is disabled: start the server with MLOPS_ADMIN_KEY set")
+        if not _check_key(request.headers.get("x-api-key"), config.admin_key):
+            raise ClientError(401, "missing or wrong X-API-Key header for an admin route")
+
+    def require_predict_key(request: Request) -> None:
+        if config.predict_key is not None and not _check_key(request.headers.get("x-api-key"), config.predict_key):
+            raise ClientError(401, "missing or wrong X-API-Key header (this server requires a key for predictions)")
+
+    app.state.require_predict_key = require_predict_key
+
+    # ------------------------------------------------------------------------------------------ error handling
+    @app.exception_handler(ClientError)
+    async def client_error(request: Request, exc: ClientError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": f"invalid request: {problems}"}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"error": "internal server error; see the server log"}, status_code=500)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        import time
+
+        metrics.in_flight.inc()
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics.in_flight.dec()
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")  # the template, not the raw path: bounded label values
+            metrics.requests.labels(route=path, method=request.method, status=str(status)).inc()
+            if path.startswith(("/v1/predict", "/v2/models/{name}/infer")):
+                metrics.latency.labels(stage="total").observe(time.perf_counter() - start)
+
+    # ----------------------------------------------------------------------------------------------- v1 routes
+    @app.get("/v1/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v1/health/ready")
+    async def ready() -> JSONResponse:
+        return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
+
+    @app.get("/v1/model")
+    async def model_info() -> dict[str, Any]:
+        if service.champion is None:
+            raise ClientError(503, "model is not loaded yet")
+        return {
+            "champion": service.champion.describe(),
+            "challenger": service.challenger.describe() if service.challenger else None,
+            "serving": {
+                "max_batch_size": config.max_batch_size,
+                "max_wait_ms": config.max_wait_ms,
+                "queue_size": config.queue_size,
+                "shadow": config.shadow,
+                "canary_fraction": config.canary_fraction,
+            },
+        }
+
+    @app.post("/v1/predict", dependencies=[Depends(require_predict_key)])
+    async def predict(request: Request) -> dict[str, Any]:
+        rid = request_id_of(request)
+        images = await read_images(request, config, many=False)
+        out = await service.predict(images, "/v1/predict", rid)
+        pred = out.pop("predictions")[0]
+        return {**out, **pred}
+
+    @app.post("/v1/predict/batch", dependencies=[Depends(require_predict_key)])
+    async def predict_batch(request: Request) -> dict[str, Any]:
+        rid = request_id_of(request)
+        images = await read_images(request, config, many=True)
+        return await service.predict(images, "/v1/predict/batch", rid)
+
+    @app.post("/v1/admin/reload", dependencies=[Depends(require_admin)])
+    async def reload() -> dict[str, Any]:
+        return await service.reload()
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        metrics.queue_depth.set(service.batcher.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    from .v2 import router as v2_router
+
+    app.include_router(v2_router)
+    return app

@@ -1,0 +1,91 @@
+"""Loaded models the server can answer with: the champion, and optionally a challenger (shadow / canary).
+
+Chapter: "Serving predictions". A ``ModelHandle`` is immutable: hot reload builds new handles, warms them up, then
+swaps one reference. Requests already preprocessed for the old model finish on the old model, so a reload can never
+mix one model's preprocessing with another model's weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..inference import Predictor
+from ..packaging import Bundle, load_bundle
+from ..settings import Settings
+from .config import ServingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    name: str
+    version: str
+    role: str  # "champion" or "challenger"
+    predictor: Predictor
+    bundle_sha256: str
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.predictor.classes
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.predictor.bundle
+
+    def infer(self, x: Any) -> np.ndarray:
+        """Softmax probabilities for a preprocessed batch tensor."""
+        import torch
+
+        logits, _ = self.predictor.forward(x)
+        return torch.softmax(logits, dim=1).numpy()
+
+    def warm_up(self) -> None:
+        """One inference on a blank image: the first call pays for lazy allocations, not a user's request."""
+        spec = self.bundle.preprocess
+        blank = np.zeros((1, *spec.size), dtype=np.uint8)
+        self.infer(self.predictor.preprocess(blank))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "role": self.role,
+            "bundle_sha256": self.bundle_sha256,
+            "bundle_model_version": self.bundle.version,
+            "labels": list(self.classes),
+            "preprocessing": self.bundle.preprocess.to_dict(),
+            "device": str(self.predictor.device),
+            "loaded_at": self.loaded_at,
+        }
+
+
+def _handle(bundle: Bundle, name: str, version: str, role: str, device: str) -> ModelHandle:
+    handle = ModelHandle(name, version, role, Predictor(bundle, device=device), bundle.sha256)
+    handle.warm_up()
+    return handle
+
+
+def load_models(settings: Settings, config: ServingConfig) -> tuple[ModelHandle, ModelHandle | None]:
+    """Champion (required) and challenger (optional, from the registry's `challenger` alias)."""
+    if config.bundle_path:
+        bundle = load_bundle(Path(config.bundle_path))
+        return _handle(bundle, settings.model_name, bundle.version, "champion", config.device), None
+    from ..registry import CHALLENGER, Registry
+
+    registry = Registry(settings)
+    bundle, info = registry.load(config.model_ref)
+    champion = _handle(bundle, info.name, info.version, "champion", config.device)
+    challenger = None
+    if (config.shadow or config.canary_fraction > 0) and CHALLENGER in registry.aliases():
+        c_bundle, c_info = registry.load(CHALLENGER)
+        if c_info.version != info.version:
+            challenger = _handle(c_bundle, c_info.name, c_info.version, "challenger", config.device)
+    return champion, challenger
