@@ -383,7 +383,7 @@ def decode_image(data: bytes | str | Path, *, name: str | None = None, max_pixel
     except Image.DecompressionBombError as exc:  # Pillow's own guard, for images far beyond any sane limit
         raise ImageTooLargeError(f"{label}: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise DatasetError(f"{label}: not a PNG, JPEG or TIFF image (unrecognised file format)") from exc
+        raise DatasetError(f"{label}: not a readable image (unrecognised format; expected PNG, JPEG or TIFF)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, DatasetError):
             raise

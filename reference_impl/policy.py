@@ -155,7 +155,7 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"line {self.line}: " if self.line else ""
-        return f"{where}{self.key} {self.message}"
+        return f"{where}{self.key} {self.message}" if self.key else f"{where}{self.message}"
 
 
 class OverlayError(ValueError):
@@ -223,16 +223,16 @@ class Checker:
         return {name: raw[name] for name in expected if name in raw}
 
     def get(self, values: Mapping[str, Any], key: str, name: str, expected: str) -> Any:
-        """``values[name]``, or a "missing" problem (returning the ``_MISSING`` marker)."""
+        """``values[name]``, or a "missing" problem (returning the ``MISSING`` marker)."""
         if name not in values:
             self.problem(f"{key}.{name}", f"is missing; expected {expected}")
-            return _MISSING
+            return MISSING
         return values[name]
 
     def number(self, values: Mapping[str, Any], key: str, name: str, expected: str, ok: Any) -> float | None:
         """A real number (not a boolean, not text) for which ``ok(value)`` holds."""
         value = self.get(values, key, name, expected)
-        if value is _MISSING:
+        if value is MISSING:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             self.problem(f"{key}.{name}", f"must be {expected}; got {show(value)}")
@@ -245,7 +245,7 @@ class Checker:
     def whole(self, values: Mapping[str, Any], key: str, name: str, expected: str, minimum: int) -> int | None:
         """A whole number >= ``minimum`` (``200.0`` is accepted as 200; ``200.5`` and ``"200"`` are not)."""
         value = self.get(values, key, name, expected)
-        if value is _MISSING:
+        if value is MISSING:
             return None
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -256,7 +256,7 @@ class Checker:
 
     def boolean(self, values: Mapping[str, Any], key: str, name: str) -> bool | None:
         value = self.get(values, key, name, "true or false")
-        if value is _MISSING:
+        if value is MISSING:
             return None
         if not isinstance(value, bool):
             self.problem(f"{key}.{name}", f"must be true or false; got {show(value)}")
@@ -264,7 +264,7 @@ class Checker:
         return value
 
 
-_MISSING = object()
+MISSING = object()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -292,11 +292,9 @@ def read_overlay(path: str | Path) -> OverlayDocument:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise OverlayError([Problem("(file)", f"does not exist: {path}")], label) from None
+        raise OverlayError([Problem("", f"file not found: {path}")], label) from None
     except UnicodeDecodeError as exc:
-        raise OverlayError(
-            [Problem("(file)", f"is not UTF-8 text ({exc.reason} at byte {exc.start})")], label
-        ) from None
+        raise OverlayError([Problem("", f"not UTF-8 text ({exc.reason} at byte {exc.start})")], label) from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -307,12 +305,12 @@ def read_overlay(path: str | Path) -> OverlayDocument:
         hint = " The line is indented with a tab: use spaces." if "\t" in bad_line else ""
         hint = hint or " Check the indentation, and put quotes around text that contains a colon."
         where = f"column {mark.column + 1}: " if mark else ""
-        problem = Problem("(file)", f"is not valid YAML: {where}{exc.problem or exc}.{hint}", line)
+        problem = Problem("", f"not valid YAML: {where}{exc.problem or exc}.{hint}", line)
         raise OverlayError([problem], label) from None
     if data is None:
-        raise OverlayError([Problem("(file)", "is empty; start from the template in the repository")], label)
+        raise OverlayError([Problem("", "the file is empty; start from the template in the repository")], label)
     if not isinstance(data, dict):
-        raise OverlayError([Problem("(file)", f"must be a group of keys ({', '.join(TOP_LEVEL_KEYS)})")], label)
+        raise OverlayError([Problem("", f"the file must be a group of keys ({', '.join(TOP_LEVEL_KEYS)})")], label)
     lines: dict[str, int] = {}
     duplicates: list[Problem] = []
     _index(root, "", lines, duplicates)
@@ -429,7 +427,7 @@ _SECTION_KEYS = {
 def _routes(c: Checker, a: Mapping[str, Any], parent: str) -> tuple[AlertRoute, ...]:
     key = f"{parent}.routes"
     raw = c.get(a, parent, "routes", "a list with at least one entry like '- sink: log'")
-    if raw is _MISSING:
+    if raw is MISSING:
         return ()
     if not isinstance(raw, list) or not raw:
         c.problem(key, f"must be a list with at least one entry like '- sink: log'; got {show(raw)}")
@@ -440,8 +438,8 @@ def _routes(c: Checker, a: Mapping[str, Any], parent: str) -> tuple[AlertRoute, 
         entry = c.section(item, here, ("sink", "path"))
         if not isinstance(item, Mapping):
             continue
-        sink = entry.get("sink", _MISSING)
-        if sink is _MISSING:
+        sink = entry.get("sink", MISSING)
+        if sink is MISSING:
             c.problem(f"{here}.sink", f"is missing; expected one of: {', '.join(ALERT_SINKS)}")
             continue
         if sink not in ALERT_SINKS:
@@ -463,7 +461,7 @@ def _routes(c: Checker, a: Mapping[str, Any], parent: str) -> tuple[AlertRoute, 
 def _approvers(c: Checker, r: Mapping[str, Any], parent: str, approval: bool | None) -> tuple[str, ...]:
     key = f"{parent}.approvers"
     raw = c.get(r, parent, "approvers", 'a list of roles, e.g. ["quality-lead"]')
-    if raw is _MISSING:
+    if raw is MISSING:
         return ()
     if raw is None:
         raw = []
@@ -484,7 +482,7 @@ def overlay_path() -> Path | None:
     if env:
         path = Path(env).expanduser()
         if not path.is_file():  # an explicit choice that does not exist is a mistake, not a reason to use defaults
-            raise OverlayError([Problem("(file)", f"does not exist: {path} (set by ${OVERLAY_ENV})")], path.name)
+            raise OverlayError([Problem("", f"file not found: {path} (set by ${OVERLAY_ENV})")], path.name)
         return path
     return REPO_OVERLAY if REPO_OVERLAY.is_file() else None
 

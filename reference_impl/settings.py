@@ -66,7 +66,9 @@ class Settings:
 
     def with_(self, **changes: object) -> Settings:
         """A copy with some fields changed (settings are immutable so stages can't surprise each other)."""
-        return replace(self, **changes)  # type: ignore[arg-type]
+        copy = replace(self, **changes)  # type: ignore[arg-type]
+        object.__setattr__(copy, "_policy", self._policy)  # replace() resets init=False fields: keep the policy
+        return copy
 
     @property
     def policy(self) -> Policy:
@@ -84,7 +86,7 @@ class Settings:
 
     def with_policy(self, policy: Policy) -> Settings:
         """A copy that uses ``policy`` instead of the overlay's, e.g. ``s.with_policy(s.policy.override({...}))``."""
-        copy = replace(self)
+        copy = replace(self)  # type: ignore[arg-type]
         object.__setattr__(copy, "_policy", policy)
         return copy
 
