@@ -113,6 +113,97 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predictor_from(args: argparse.Namespace) -> tuple[object, str | None]:
+    """A Predictor from --bundle, or from the registry by --model-ref (alias or version)."""
+    from .inference import Predictor
+
+    settings = _settings(args)
+    if args.bundle:
+        return Predictor.from_path(args.bundle, device=settings.device), None
+    from .registry import Registry
+
+    bundle, info = Registry(settings).load(args.model_ref)
+    return Predictor(bundle, device=settings.device), info.version
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .serving import ServingConfig, create_app
+
+    config = ServingConfig.from_env(
+        model_ref=args.model_ref, bundle_path=str(args.bundle) if args.bundle else None,
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+        shadow=not args.no_shadow, canary_fraction=args.canary_fraction, device=args.device or "auto",
+    )  # fmt: skip
+    app = create_app(_settings(args), config)
+    # One worker process: the model and the micro-batcher live in it. Scale out with more replicas, not workers.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                timeout_graceful_shutdown=15)  # fmt: skip
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from .registry import Registry
+
+    info = Registry(_settings(args)).register_bundle(args.bundle, alias=args.alias)
+    print(f"registered {info.uri} aliases={list(info.aliases)} tags={json.dumps(info.tags)}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from .registry import Registry
+
+    previous = Registry(_settings(args)).promote(args.version)
+    print(f"champion -> version {args.version} (previous champion: {previous})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from .registry import Registry
+
+    print(f"champion rolled back to version {Registry(_settings(args)).rollback()}")
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from .registry import Registry
+
+    print(json.dumps(Registry(_settings(args)).describe(), indent=2))
+    return 0
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    from .services import run_mlflow_ui
+
+    return run_mlflow_ui(_settings(args), host=args.host, port=args.port)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .scoring import score_folder
+
+    predictor, version = _predictor_from(args)
+    summary = score_folder(args.folder, args.out, predictor, model_version=version, batch_size=args.batch_size,
+                           num_workers=args.workers)  # fmt: skip
+    print(f"scored {summary.scored}, skipped {summary.skipped} already scored, {summary.errors} unreadable "
+          f"({summary.images_per_second:.0f} images/s) -> {summary.out}")  # fmt: skip
+    if summary.errors:
+        print(f"unreadable files are listed in {summary.errors_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from . import data
+    from .loadtest import run_load
+
+    images = data.generate(32, seed=_settings(args).seed + 99)
+    payloads = [data.encode_png(im) for im in images.images]
+    result = run_load(args.url, payloads, kind=args.kind, concurrency=args.concurrency,
+                      n_requests=args.requests, duration_s=args.duration)  # fmt: skip
+    print(json.dumps(result.summary(), indent=2))
+    return 0 if result.errors == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import CONDITIONS  # numpy only: cheap
 
@@ -167,6 +258,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("images", nargs="+")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+
+    p = add("serve", cmd_serve, "start the inference server (FastAPI + uvicorn)")
+    p.add_argument("--bundle", type=Path, help="serve this bundle directory instead of a registry alias")
+    p.add_argument("--model-ref", default="champion", help="registry alias or version to serve (default champion)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=16, help="1 disables micro-batching")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
+    p.add_argument("--queue-size", type=int, default=256, help="waiting requests before answering 503")
+    p.add_argument("--no-shadow", action="store_true", help="do not mirror traffic to the challenger")
+    p.add_argument("--canary-fraction", type=float, default=0.0, help="share of requests the challenger answers")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+
+    p = add("register", cmd_register, "register a bundle in the MLflow model registry")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--alias", choices=("champion", "challenger"), help="also point this alias at the new version")
+
+    p = add("promote", cmd_promote, "make a registered version the champion (the previous one is kept for rollback)")
+    p.add_argument("version")
+
+    add("rollback", cmd_rollback, "point the champion alias back at the previous champion")
+    add("registry", cmd_registry, "show registered versions, aliases and tags")
+
+    p = add("services", cmd_services, "run the MLflow UI/tracking server on loopback until Ctrl-C")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+
+    p = add("score", cmd_score, "batch-score a folder of images into a JSON-lines file (idempotent)")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--bundle", type=Path, help="score with this bundle (default: the registry's --model-ref)")
+    p.add_argument("--model-ref", default="champion")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0 = decode in-process)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+
+    p = add("loadtest", cmd_loadtest, "closed-loop load test of a running server (loopback only)")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--kind", choices=("v1", "v2", "mlflow"), default="v1")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--duration", type=float, help="stop after this many seconds instead")
     return parser
 
 
@@ -178,9 +311,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .model import SpecError
     from .packaging import BundleError
 
+    expected: tuple[type[BaseException], ...] = (CLIError, SettingsError, DatasetError, SpecError, BundleError,
+                                                  FileExistsError, ValueError)  # fmt: skip
+    if args.command in ("register", "promote", "rollback", "registry", "serve", "score"):
+        from .registry import RegistryError
+
+        expected += (RegistryError,)
     try:
         return args.func(args)
-    except (CLIError, SettingsError, DatasetError, SpecError, BundleError, FileExistsError) as exc:
+    except expected as exc:
+        if args.verbose:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
