@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,12 +77,14 @@ class PreprocessSpec:
         return cls(**data)
 
 
+@lru_cache(maxsize=32)
 def build_transform(spec: PreprocessSpec) -> Any:
     """THE preprocessing: a torchvision ``transforms.v2`` pipeline built from the spec.
 
     Accepts a decoded image as a 2-D numpy array (uint8 or uint16), an ``(H, W, C)`` array, a PIL image, or a
     uint8/uint16/float tensor shaped ``(C, H, W)`` or a batch ``(N, C, H, W)``. Integer pixels are scaled by
     their type's maximum (255 or 65535), so 8- and 16-bit radiographs reach the network on the same scale.
+    Cached per spec (specs are frozen, hence hashable): a server builds it once, not once per request.
     """
     import torch
     from torchvision.transforms import v2

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..settings import Settings
 from .config import ServingConfig
 from .metrics import ServerMetrics
-from .service import ClientError, DecodedImage, InferenceService, decode_file
+from .service import ClientError, InferenceService, RawFile
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_images(request: Request, config: ServingConfig, *, many: bool) -> list[DecodedImage]:
-    """Images from a multipart form (any file fields) or a raw image body."""
+async def read_images(request: Request, config: ServingConfig, *, many: bool) -> list[RawFile]:
+    """Image files from a multipart form (any file fields) or a raw image body (decoded later, off the loop)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await read_body(request, config.max_body_bytes)
     if ctype == "multipart/form-data":
@@ -88,9 +89,43 @@ async def read_images(request: Request, config: ServingConfig, *, many: bool) ->
     else:
         raise ClientError(415, f"unsupported Content-Type {ctype!r}; send an image (image/png, image/jpeg, "
                                "image/tiff) or multipart/form-data")  # fmt: skip
-    from starlette.concurrency import run_in_threadpool
+    return [RawFile(name, payload) for name, payload in payloads]
 
-    return [await run_in_threadpool(decode_file, payload, config.max_pixels, name) for name, payload in payloads]
+
+class MetricsMiddleware:
+    """Counts requests by route template and status, tracks in-flight requests, times predictions end to end.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would add a task and a stream copy per request.
+    """
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_record(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            self.metrics.in_flight.dec()
+            path = getattr(scope.get("route"), "path", "unmatched")  # the template: bounded label values
+            self.metrics.requests.labels(route=path, method=scope["method"], status=str(status)).inc()
+            if path.startswith(
+                ("/v1/predict", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+            ):
+                self.metrics.latency.labels(stage="total").observe(time.perf_counter() - start)
 
 
 def _check_key(given: str | None, expected: str) -> bool:
@@ -150,24 +185,7 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse({"error": "internal server error; see the server log"}, status_code=500)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Response:
-        import time
-
-        metrics.in_flight.inc()
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.in_flight.dec()
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")  # the template, not the raw path: bounded label values
-            metrics.requests.labels(route=path, method=request.method, status=str(status)).inc()
-            if path.startswith(("/v1/predict", "/v2/models/{name}/infer")):
-                metrics.latency.labels(stage="total").observe(time.perf_counter() - start)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     # ----------------------------------------------------------------------------------------------- v1 routes
     @app.get("/v1/health/live")

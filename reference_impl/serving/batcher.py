@@ -67,6 +67,9 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task | None = None
         self._pending: _Item | None = None  # taken from the queue but did not fit the last batch
+        # Set by the service: are requests on their way (being decoded) that could join this batch? If not,
+        # waiting max_wait_ms would only add latency, so a lone request is dispatched at once.
+        self.expect_more: Callable[[], bool] = lambda: True
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="micro-batcher")
@@ -106,7 +109,7 @@ class MicroBatcher:
                 item = self.queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+                if remaining <= 0 or not self.expect_more():
                     break
                 try:
                     item = await asyncio.wait_for(self.queue.get(), remaining)

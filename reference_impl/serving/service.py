@@ -51,8 +51,24 @@ class DecodedImage:
         return 16 if self.pixels.dtype == np.uint16 else 8
 
     def stats(self) -> tuple[float, float]:
+        """Mean and std of the pixels scaled to [0, 1]: logged for drift monitoring."""
         scaled = self.pixels.astype(np.float32) / (65535.0 if self.bit_depth == 16 else 255.0)
         return float(scaled.mean()), float(scaled.std())
+
+
+@dataclass
+class RawFile:
+    """An uploaded image file not decoded yet: decoding happens off the event loop, with the preprocessing."""
+
+    name: str
+    payload: bytes
+
+
+@dataclass
+class _Prepared:
+    images: list[DecodedImage]
+    stats: list[tuple[float, float]]
+    x: Any  # the model input tensor
 
 
 def sniff_format(payload: bytes) -> str | None:
@@ -108,6 +124,8 @@ class InferenceService:
         self._shadow_pending = 0
         self._shadow_lock = threading.Lock()
         self._reload_lock = asyncio.Lock()
+        self.batcher.expect_more = lambda: self._preparing > 0
+        self._preparing = 0  # requests decoding/preprocessing right now: they will reach the batcher soon
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -142,20 +160,33 @@ class InferenceService:
                     "challenger": challenger.version if challenger else None}  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------- predicting
-    async def predict(self, images: list[DecodedImage], route: str, request_id: str) -> dict[str, Any]:
+    def _prepare(self, inputs: list[DecodedImage | RawFile], handle: ModelHandle) -> _Prepared:
+        """Decode, compute logging statistics and preprocess in ONE worker-thread hop (each hop costs latency)."""
+        images = [decode_file(i.payload, self.config.max_pixels, i.name) if isinstance(i, RawFile) else i
+                  for i in inputs]  # fmt: skip
+        return _Prepared(
+            images, [im.stats() for im in images], handle.predictor.preprocess([im.pixels for im in images])
+        )
+
+    async def predict(self, inputs: list[DecodedImage | RawFile], route: str, request_id: str) -> dict[str, Any]:
         if not self.ready or self.champion is None:
             raise ClientError(503, "model is not loaded yet; retry shortly", {"Retry-After": "1"})
-        if not images:
+        if not inputs:
             raise ClientError(400, "no images in the request")
-        if len(images) > self.config.max_images_per_request:
-            raise ClientError(413, f"{len(images)} images in one request; the limit is "
+        if len(inputs) > self.config.max_images_per_request:
+            raise ClientError(413, f"{len(inputs)} images in one request; the limit is "
                                    f"{self.config.max_images_per_request}")  # fmt: skip
         start = time.perf_counter()
         champion, challenger = self.champion, self.challenger
         canary = challenger is not None and in_canary(request_id, self.config.canary_fraction)
         handle = challenger if canary else champion
         assert handle is not None
-        x = await asyncio.to_thread(handle.predictor.preprocess, [im.pixels for im in images])
+        self._preparing += 1
+        try:
+            prepared = await asyncio.to_thread(self._prepare, inputs, handle)
+        finally:
+            self._preparing -= 1
+        images, x = prepared.images, prepared.x
         preprocess_s = time.perf_counter() - start
         self.metrics.queue_depth.set(self.batcher.depth)
         try:
@@ -172,7 +203,7 @@ class InferenceService:
         role = "canary" if canary else "champion"
         predictions = []
         now = time.time()
-        for i, (im, probs) in enumerate(zip(images, result.probabilities, strict=True)):
+        for i, (im, (mean, std), probs) in enumerate(zip(images, prepared.stats, result.probabilities, strict=True)):
             k = int(np.argmax(probs))
             label, conf = handle.classes[k], float(probs[k])
             m.predictions.labels(role=role, version=handle.version, label=label).inc()
@@ -180,7 +211,6 @@ class InferenceService:
             prob_map = {c: float(p) for c, p in zip(handle.classes, probs, strict=True)}
             predictions.append({"label": label, "confidence": conf, "probabilities": prob_map,
                                 "input_sha256": im.sha256})  # fmt: skip
-            mean, std = im.stats()
             self.log.append(
                 PredictionRecord(
                     now,

@@ -27,7 +27,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from .app import read_body, request_id_of
-from .service import ClientError, DecodedImage, decode_array, decode_file
+from .service import ClientError, DecodedImage, RawFile, decode_array
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
@@ -141,7 +141,7 @@ def _flatten(data: Any) -> list[Any]:
 
 def _tensor_images(
     tensor: dict[str, Any], binary: bytes, offset: int, max_pixels: int
-) -> tuple[list[DecodedImage], int]:
+) -> tuple[list[DecodedImage | RawFile], int]:
     name = tensor.get("name")
     datatype = tensor.get("datatype")
     shape = tensor.get("shape")
@@ -171,7 +171,7 @@ def _tensor_images(
                                        "files") from exc  # fmt: skip
         if len(files) != shape[0]:
             raise ClientError(400, f"input {name!r}: shape says {shape[0]} elements, got {len(files)}")
-        return [decode_file(f, max_pixels, f"{name}[{i}]") for i, f in enumerate(files)], offset
+        return [RawFile(f"{name}[{i}]", f) for i, f in enumerate(files)], offset
 
     if datatype not in PIXEL_TYPES:
         raise ClientError(400, f"input {name!r}: datatype {datatype} not supported; use UINT8, UINT16, FP32 or BYTES")
