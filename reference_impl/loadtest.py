@@ -27,12 +27,14 @@ def percentile(values: Sequence[float], q: float) -> float:
     Unlike interpolating definitions, it always returns a latency that was actually observed, and it is the
     definition most SLO documents use. ``q`` is in (0, 100].
     """
-    if not values:
+    if len(values) == 0:  # len(), not truthiness: a numpy array of timings has no single truth value
         raise ValueError("percentile of an empty list is undefined")
     if not 0 < q <= 100:
         raise ValueError(f"q must be in (0, 100], got {q}")
     ordered = sorted(values)
-    rank = math.ceil(q / 100 * len(ordered))
+    # q * n / 100 rather than q / 100 * n: in floating point 7 / 100 * 100 is 7.000000000000001, whose ceiling
+    # would skip a rank. The tiny tolerance absorbs the same rounding for fractional q such as 99.9.
+    rank = max(1, math.ceil(q * len(ordered) / 100 - 1e-9))
     return ordered[rank - 1]
 
 
@@ -136,4 +138,13 @@ def run_load(
     """Run a closed-loop load test against a server on ``base_url`` (e.g. ``http://127.0.0.1:8000``)."""
     if concurrency < 1:
         raise ValueError("concurrency must be >= 1")
-    return asyncio.run(_run(base_url, kind, payloads, concurrency, n_requests, duration_s, timeout_s))
+    coro = _run(base_url, kind, payloads, concurrency, n_requests, duration_s, timeout_s)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    # Called from code that already runs an event loop (a Jupyter kernel): use a private loop in a thread.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()

@@ -115,20 +115,29 @@ class InferenceService:
         self.champion: ModelHandle | None = None
         self.challenger: ModelHandle | None = None
         self.ready = False
+        self._preparing = 0  # requests decoding/preprocessing right now: they will reach the batcher soon
+        self._shadow_pending = 0
+        self._shadow_lock = threading.Lock()
+        self._reload_lock = asyncio.Lock()
+        self._open()
+
+    def _open(self) -> None:
+        """Create the worker pieces. Called again by ``start`` after a ``stop``, so an app can be restarted
+        (e.g. entering a test client twice)."""
+        config, settings = self.config, self.settings
         self.batcher = MicroBatcher(config.max_batch_size, config.max_wait_ms, config.queue_size,
-                                    on_batch=metrics.batch_size.observe)  # fmt: skip
+                                    on_batch=self.metrics.batch_size.observe)  # fmt: skip
+        self.batcher.expect_more = lambda: self._preparing > 0
         self.log = PredictionLog(settings.state_dir / "predictions.db",
                                  settings.state_dir / "images" if config.store_images else None)  # fmt: skip
         # Shadow work has its own thread and a bounded backlog: it can fall behind or fail, never slow the champion.
         self._shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
-        self._shadow_pending = 0
-        self._shadow_lock = threading.Lock()
-        self._reload_lock = asyncio.Lock()
-        self.batcher.expect_more = lambda: self._preparing > 0
-        self._preparing = 0  # requests decoding/preprocessing right now: they will reach the batcher soon
+        self._stopped = False
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        if self._stopped:
+            self._open()
         champion, challenger = await asyncio.to_thread(load_models, self.settings, self.config)
         self._install(champion, challenger)
         await self.batcher.start()
@@ -139,6 +148,7 @@ class InferenceService:
         await self.batcher.stop()
         self._shadow_pool.shutdown(wait=True)
         self.log.close()
+        self._stopped = True
 
     def _install(self, champion: ModelHandle, challenger: ModelHandle | None) -> None:
         self.champion, self.challenger = champion, challenger
