@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -71,8 +72,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             data.write_dataset(dataset, out)
     result = training.train_model(dataset, training.TrainConfig(epochs=args.epochs, seed=settings.seed,
                                                                 device=settings.device))  # fmt: skip
-    bundle = save_bundle(result, args.out, model_name=settings.model_name, model_version=args.version,
-                         data_manifest=manifest)  # fmt: skip
+    if args.data:  # real images: no generator for held-out references, so the bundle has no monitoring profile
+        bundle = save_bundle(result, args.out, model_name=settings.model_name, model_version=args.version,
+                             data_manifest=manifest)  # fmt: skip
+    else:
+        from .loop import package_with_profile
+
+        bundle = package_with_profile(result, Path(args.out), seed=settings.seed, model_name=settings.model_name,
+                                      model_version=args.version or time.strftime("%Y%m%d%H%M%S"),
+                                      data_manifest=manifest)  # fmt: skip
     training.save_metrics(result, Path(args.out).with_name(Path(args.out).name + "-metrics"))
     print(f"test accuracy {result.metrics['accuracy']:.2%} in {result.seconds:.1f} s; bundle: {bundle}")
     return 0
@@ -192,6 +200,25 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from .monitoring.job import Monitor, timeline
+
+    monitor = Monitor(_settings(args), bundle_dir=args.bundle, model_ref=args.model_ref, reports=not args.no_report)
+    try:
+        reports = monitor.run(window_size=args.window_size, window_minutes=args.window_minutes,
+                              from_start=args.from_start)  # fmt: skip
+    finally:
+        monitor.close()
+    if not reports:
+        print("no complete window of new predictions yet (the last, partial window waits for the next run)")
+        return 0
+    print(timeline(reports))
+    last = reports[-1]
+    if last.report_paths:
+        print(f"latest report: {last.report_paths['html']}")
+    return 0
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from . import data
     from .loadtest import run_load
@@ -294,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0 = decode in-process)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
 
+    p = add("monitor", cmd_monitor, "check new windows of the prediction log for drift, integrity and quality")
+    p.add_argument("--window-size", type=int, help="images per window (default: the policy's drift.window_size)")
+    p.add_argument("--window-minutes", type=float, help="time windows of this many minutes instead of counts")
+    p.add_argument("--bundle", type=Path, help="compare against this bundle's profile (default: --model-ref)")
+    p.add_argument("--model-ref", default="champion")
+    p.add_argument("--from-start", action="store_true", help="forget processed windows and recompute all")
+    p.add_argument("--no-report", action="store_true", help="skip the Evidently HTML/JSON reports (faster)")
+
     p = add("loadtest", cmd_loadtest, "closed-loop load test of a running server (loopback only)")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--kind", choices=("v1", "v2", "mlflow"), default="v1")
@@ -313,10 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     expected: tuple[type[BaseException], ...] = (CLIError, SettingsError, DatasetError, SpecError, BundleError,
                                                   FileExistsError, ValueError)  # fmt: skip
-    if args.command in ("register", "promote", "rollback", "registry", "serve", "score"):
+    if args.command in ("register", "promote", "rollback", "registry", "serve", "score", "monitor"):
+        from .monitoring.profile import ProfileError
         from .registry import RegistryError
 
-        expected += (RegistryError,)
+        expected += (RegistryError, ProfileError)
     try:
         return args.func(args)
     except expected as exc:

@@ -60,7 +60,7 @@ def run_demo(settings: Settings | None = None, config: DemoConfig | None = None,
 
     from . import data, training
     from .inference import Predictor
-    from .packaging import load_bundle, save_bundle
+    from .packaging import load_bundle
 
     settings = settings or Settings.from_env()
     config = config or DemoConfig()
@@ -94,8 +94,10 @@ def run_demo(settings: Settings | None = None, config: DemoConfig | None = None,
     while bundle_dir.exists():  # two runs in the same second still get separate, immutable bundles
         bundle_dir = settings.bundles_dir / f"{settings.model_name}-{run_id}-{n}"
         n += 1
-    save_bundle(result, bundle_dir, model_name=settings.model_name, model_version=run_id, data_manifest=manifest)
-    record("package", t, f"bundle with {len(list(bundle_dir.iterdir()))} files -> {bundle_dir}")
+    package_with_profile(result, bundle_dir, seed=settings.seed, model_name=settings.model_name,
+                         model_version=run_id, data_manifest=manifest)  # fmt: skip
+    record("package", t, f"bundle with {len(list(bundle_dir.rglob('*.*')))} files (incl. monitoring profile) -> "
+                         f"{bundle_dir}")  # fmt: skip
 
     t = time.perf_counter()
     bundle = load_bundle(bundle_dir)  # verifies every hash first
@@ -123,6 +125,27 @@ def run_demo(settings: Settings | None = None, config: DemoConfig | None = None,
     return demo
 
 
+REFERENCE_SEED_OFFSET = 10_001  # held-out reference images: a seed stream training never uses
+NULL_SEED_OFFSET = 10_002  # held-out null pool for calibrating drift thresholds
+
+
+def package_with_profile(result: Any, out_dir: Path, *, seed: int, model_name: str, model_version: str,
+                         data_manifest: Path | None, n_reference: int = 800, n_null: int = 1600,
+                         **kwargs: Any) -> Path:  # fmt: skip
+    """Save a bundle that carries its monitoring reference profile (held-out images, never the training data)."""
+    from . import data
+    from .inference import Predictor
+    from .monitoring.profile import ReferenceProfile
+    from .packaging import Bundle, save_bundle
+
+    reference = data.generate(n_reference, seed=seed + REFERENCE_SEED_OFFSET)
+    null = data.generate(n_null, seed=seed + NULL_SEED_OFFSET)
+    bundle = Bundle(out_dir, result.model, result.model_spec, result.preprocess, result.classes, {})
+    profile = ReferenceProfile.build(Predictor(bundle, device="cpu"), reference.images, reference.labels, null.images)
+    return save_bundle(result, out_dir, model_name=model_name, model_version=model_version,
+                       data_manifest=data_manifest, extra_files=profile.to_files(), **kwargs)  # fmt: skip
+
+
 def baseline_bundle(settings: Settings | None = None, *, n_images: int = 2000, epochs: int = 6) -> Path:
     """A trained, packaged baseline model, built once and cached in the state dir.
 
@@ -135,10 +158,10 @@ def baseline_bundle(settings: Settings | None = None, *, n_images: int = 2000, e
     import tempfile
 
     from . import data, training
-    from .packaging import BundleError, save_bundle, verify_bundle
+    from .packaging import BundleError, verify_bundle
 
     settings = settings or Settings.from_env()
-    target = settings.bundles_dir / f"baseline-seed{settings.seed}-n{n_images}-e{epochs}"
+    target = settings.bundles_dir / f"baseline-seed{settings.seed}-n{n_images}-e{epochs}-p1"  # p1: with profile v1
     if target.exists():
         try:
             verify_bundle(target)
@@ -152,8 +175,8 @@ def baseline_bundle(settings: Settings | None = None, *, n_images: int = 2000, e
     result = training.train_model(images, training.TrainConfig(epochs=epochs, seed=settings.seed, device="cpu"))
     settings.bundles_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=settings.bundles_dir))
-    save_bundle(result, tmp / "bundle", model_name=settings.model_name, model_version="1",
-                data_manifest=data_dir / data.MANIFEST_NAME)  # fmt: skip
+    package_with_profile(result, tmp / "bundle", seed=settings.seed, model_name=settings.model_name,
+                         model_version="1", data_manifest=data_dir / data.MANIFEST_NAME)  # fmt: skip
     try:
         (tmp / "bundle").rename(target)
     except OSError:  # another process finished first: use theirs

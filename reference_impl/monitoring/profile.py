@@ -1,0 +1,147 @@
+"""The reference profile: what "normal" looks like, frozen into the bundle at packaging time.
+
+Chapter: "Monitoring in production". Drift is always drift *relative to something*. The profile records it from a
+held-out reference set (never the training data, whose features the model has memorised): per-feature samples and
+frozen decile bins, the model's softmax outputs, PCA-reduced embeddings, a separate *null pool* used to calibrate
+thresholds, what inputs look like (size, bit depth) for integrity checks, and the softmax temperature that makes
+confidence a calibrated probability (for estimating accuracy without labels).
+
+Stored as ``monitoring/profile.json`` + ``monitoring/profile.npz`` inside the bundle, so the manifest hashes it like
+every other file and a monitor can never compare against the wrong reference. ``.npz`` is loaded with
+``allow_pickle=False``: plain arrays, no code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .drift import DriftDetector, Sample
+from .features import DRIFT_FEATURES, PCA, feature_matrix, image_features
+from .quality import fit_temperature
+
+PROFILE_JSON = "monitoring/profile.json"
+PROFILE_NPZ = "monitoring/profile.npz"
+PROFILE_VERSION = 1
+
+
+class ProfileError(ValueError):
+    """The bundle has no usable monitoring profile."""
+
+
+@dataclass
+class ReferenceProfile:
+    feature_names: tuple[str, ...]
+    class_names: tuple[str, ...]
+    reference: Sample
+    null_pool: Sample
+    pca: PCA
+    temperature: float
+    expected: dict[str, Any]  # integrity expectations: sizes, bit depths, formats
+    reference_accuracy: float | None = None
+
+    # -- construction ------------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        predictor: Any,
+        reference_images: np.ndarray,
+        reference_labels: np.ndarray | None,
+        null_images: np.ndarray,
+        *,
+        pca_dims: int = 16,
+    ) -> ReferenceProfile:
+        """Profile a model on held-out images (``reference`` for the tests, ``null`` for calibration)."""
+        ref_pred = predictor.predict(reference_images, with_embeddings=True)
+        null_pred = predictor.predict(null_images, with_embeddings=True)
+        pca = PCA.fit(ref_pred.embeddings, k=pca_dims)
+
+        def sample(images: np.ndarray, pred: Any) -> Sample:
+            return Sample(feature_matrix(image_features(images)), pred.probabilities, pca.transform(pred.embeddings))
+
+        temperature, accuracy = 1.0, None
+        if reference_labels is not None:
+            temperature = fit_temperature(ref_pred.probabilities, np.asarray(reference_labels))
+            accuracy = float((ref_pred.class_index == np.asarray(reference_labels)).mean())
+        feats = image_features(reference_images)
+        expected = {
+            "widths": sorted({int(v) for v in feats["width"]}),
+            "heights": sorted({int(v) for v in feats["height"]}),
+            "bit_depths": sorted({int(v) for v in feats["bit_depth"]}),
+            "formats": ["png", "jpeg", "tiff"],
+        }
+        return cls(
+            DRIFT_FEATURES,
+            tuple(predictor.classes),
+            sample(reference_images, ref_pred),
+            sample(null_images, null_pred),
+            pca,
+            temperature,
+            expected,
+            accuracy,
+        )
+
+    # -- bundle files ------------------------------------------------------------------------------------
+    def to_files(self) -> dict[str, bytes]:
+        """``{relative path: bytes}`` for ``save_bundle(..., extra_files=...)``."""
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf,
+            ref_features=self.reference.features,
+            ref_probs=self.reference.probs,
+            ref_emb=self.reference.embeddings,
+            null_features=self.null_pool.features,
+            null_probs=self.null_pool.probs,
+            null_emb=self.null_pool.embeddings,
+            pca_mean=self.pca.mean,
+            pca_components=self.pca.components,
+            pca_explained=self.pca.explained,
+        )
+        meta = {
+            "profile_version": PROFILE_VERSION,
+            "feature_names": list(self.feature_names),
+            "class_names": list(self.class_names),
+            "temperature": self.temperature,
+            "expected": self.expected,
+            "reference_accuracy": self.reference_accuracy,
+            "n_reference": len(self.reference),
+            "n_null": len(self.null_pool),
+        }
+        return {PROFILE_NPZ: buf.getvalue(), PROFILE_JSON: (json.dumps(meta, indent=2) + "\n").encode()}
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path) -> ReferenceProfile:
+        """Read the profile of a (verified) bundle."""
+        root = Path(bundle_dir)
+        if not (root / PROFILE_JSON).is_file() or not (root / PROFILE_NPZ).is_file():
+            raise ProfileError(
+                f"{root}: the bundle has no monitoring profile ({PROFILE_JSON}); re-package it with "
+                "a reference set (reference_impl.loop.package_with_profile)"
+            )
+        meta = json.loads((root / PROFILE_JSON).read_text())
+        if meta.get("profile_version") != PROFILE_VERSION:
+            raise ProfileError(f"{root / PROFILE_JSON}: profile version {meta.get('profile_version')} not understood")
+        with np.load(root / PROFILE_NPZ, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        return cls(
+            tuple(meta["feature_names"]),
+            tuple(meta["class_names"]),
+            Sample(arrays["ref_features"], arrays["ref_probs"], arrays["ref_emb"]),
+            Sample(arrays["null_features"], arrays["null_probs"], arrays["null_emb"]),
+            PCA(arrays["pca_mean"], arrays["pca_components"], arrays["pca_explained"]),
+            float(meta["temperature"]),
+            meta["expected"],
+            meta.get("reference_accuracy"),
+        )
+
+    def detector(self, alpha: float = 0.05) -> DriftDetector:
+        return DriftDetector(self.reference, self.null_pool, self.feature_names, self.class_names, alpha=alpha)
+
+    def sample_of(self, images: Any, probs: np.ndarray, embeddings: np.ndarray) -> Sample:
+        """A window's Sample from decoded images and the model's outputs on them."""
+        return Sample(feature_matrix(image_features(images), self.feature_names), probs, self.pca.transform(embeddings))
