@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -145,6 +146,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shadow=not args.no_shadow, canary_fraction=args.canary_fraction, device=args.device or "auto",
     )  # fmt: skip
     app = create_app(_settings(args), config)
+    # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal; with this handler in place the
+    # re-raised signal ends the process with status 0, so supervisors and tests can tell "stopped cleanly" from
+    # "killed".
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # One worker process: the model and the micro-batcher live in it. Scale out with more replicas, not workers.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
                 timeout_graceful_shutdown=15)  # fmt: skip
@@ -229,6 +234,57 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
                       n_requests=args.requests, duration_s=args.duration)  # fmt: skip
     print(json.dumps(result.summary(), indent=2))
     return 0 if result.errors == 0 else 1
+
+
+# ---- Monitoring: review queue and alerts (issue 4, sections 6-7) ----------------------------------------------
+def cmd_review(args: argparse.Namespace) -> int:
+    """``review enqueue|claim|label|release|stats``: the human-in-the-loop review queue from a terminal."""
+    from .monitoring.review import ReviewQueue
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if getattr(args, "classes", None) else None
+    queue = ReviewQueue(_settings(args), classes, bundle=getattr(args, "bundle", None))
+    action = args.review_command
+    if action == "enqueue":
+        window = [r.strip() for r in args.drifted_requests.split(",") if r.strip()] if args.drifted_requests else None
+        added = queue.enqueue_from_predictions(args.predlog, confidence_below=args.confidence_below,
+                                               include_shadow_disagreements=not args.no_shadow,
+                                               since_id=args.since_id, window_request_ids=window,
+                                               audit_fraction=args.audit_fraction)  # fmt: skip
+        stats = queue.stats()
+        print(json.dumps({"added": added, "pending": stats["pending"], "labelled": stats["labelled"]}))
+    elif action == "claim":
+        items = queue.claim(args.reviewer, n=args.n, lease_s=args.lease_s)
+        for item in items:
+            print(json.dumps(item.to_dict()))
+        if not items:
+            print("nothing to review: the queue has no pending items", file=sys.stderr)
+    elif action == "label":
+        print(json.dumps(queue.label(args.item_id, args.reviewer, args.label, note=args.note).to_dict()))
+    elif action == "release":
+        print(json.dumps(queue.release(args.item_id, args.reviewer).to_dict()))
+    else:
+        print(json.dumps(queue.stats(), indent=2))
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    """``alerts test|rules``: prove every alert destination works; show the rules with their thresholds."""
+    from .monitoring.alerts import AlertManager
+
+    # Alerts are meant to be seen: show info-level ones in the terminal even without --verbose.
+    logging.getLogger("reference_impl.alerts").setLevel(logging.INFO)
+    manager = AlertManager(_settings(args), args.rules)
+    if args.alerts_command == "rules":
+        for rule in manager.rules:
+            source = "" if rule.threshold_source == "rule" else f"  ({rule.threshold_source})"
+            threshold = manager.thresholds[rule.name]
+            print(f"{rule.name:24} {rule.severity:8} {rule.metric} {rule.op} {threshold}{source}")
+        print(f"cool-down: {manager.cooldown_s / 60:g} min; sinks: {', '.join(s.name for s in manager.sinks)}")
+        return 0
+    _, results = manager.send_test()
+    for name, error in results.items():
+        print(f"ok      {name}" if error is None else f"FAILED  {name}: {error}")
+    return 0 if all(error is None for error in results.values()) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,6 +391,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--duration", type=float, help="stop after this many seconds instead")
+
+    # ---- Monitoring: review queue and alerts (issue 4, sections 6-7) -------------------------------------------
+    p = add("review", cmd_review, "human-in-the-loop review queue: enqueue flagged predictions, claim, label")
+    review = p.add_subparsers(dest="review_command", metavar="action", required=True)
+    r = review.add_parser("enqueue", help="queue low-confidence, disputed, drifted and audit predictions")
+    r.add_argument("--predlog", type=Path, help="prediction log (default: <state dir>/predictions.db)")
+    r.add_argument("--confidence-below", type=float, default=0.6, help="queue served answers below this confidence")
+    r.add_argument("--no-shadow", action="store_true", help="do not queue shadow disagreements")
+    r.add_argument("--since-id", type=int, help="only prediction-log rows with a larger id")
+    r.add_argument("--drifted-requests", help="comma-separated request ids of a drifted window")
+    r.add_argument("--audit-fraction", type=float, default=0.0, help="random share of confident answers to audit")
+    r = review.add_parser("claim", help="claim items to label (printed as JSON lines)")
+    r.add_argument("--reviewer", required=True)
+    r.add_argument("-n", type=int, default=1, help="how many items")
+    r.add_argument("--lease-s", type=float, default=600.0, help="seconds before an unlabelled claim returns")
+    r = review.add_parser("label", help="label an item you claimed")
+    r.add_argument("item_id", type=int)
+    r.add_argument("label")
+    r.add_argument("--reviewer", required=True)
+    r.add_argument("--note")
+    r.add_argument("--classes", help="comma-separated class names (default: the model's, from the prediction log)")
+    r.add_argument("--bundle", type=Path, help="read the class names from this bundle's labels.json")
+    r = review.add_parser("release", help="give a claimed item back to the pool")
+    r.add_argument("item_id", type=int)
+    r.add_argument("--reviewer", required=True)
+    review.add_parser("stats", help="counts by status and reason, labels per reviewer")
+
+    p = add("alerts", cmd_alerts, "alert rules and destinations")
+    alerts = p.add_subparsers(dest="alerts_command", metavar="action", required=True)
+    rules_file = argparse.ArgumentParser(add_help=False)
+    rules_file.add_argument("--rules", type=Path, help="rules file (default: the shipped alert_rules.yaml)")
+    alerts.add_parser("test", parents=[rules_file], help="send a synthetic alert through every configured sink")
+    alerts.add_parser("rules", parents=[rules_file], help="show the rules with the thresholds in force")
+    # ---- end of monitoring: review queue and alerts ----------------------------------------------------------
     return parser
 
 

@@ -211,7 +211,7 @@ class Checker:
             raise OverlayError(self.problems, self.source)
 
     def section(self, raw: Any, key: str, expected: tuple[str, ...]) -> dict[str, Any]:
-        """A mapping with exactly the ``expected`` keys; unknown keys and missing keys are problems."""
+        """The known keys of mapping ``raw``; unknown keys (typos) are problems. Missing ones are found by ``get``."""
         if not isinstance(raw, Mapping):
             self.problem(key, f"must be a group of keys ({', '.join(expected)}); got {show(raw)}")
             return {}
@@ -234,10 +234,9 @@ class Checker:
         value = self.get(values, key, name, expected)
         if value is MISSING:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            self.problem(f"{key}.{name}", f"must be {expected}; got {show(value)}")
-            return None
-        if not ok(value):
+        # bool is a subclass of int in Python, so `true` would otherwise pass as 1.
+        is_number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not is_number or not ok(value):
             self.problem(f"{key}.{name}", f"must be {expected}; got {show(value)}")
             return None
         return float(value)
@@ -492,7 +491,9 @@ def check_top_level(doc: OverlayDocument) -> Checker:
     c = Checker(doc.label, doc.lines)
     c.section(doc.data, "(top level)", TOP_LEVEL_KEYS)
     # A top-level problem's key reads better without the "(top level)." prefix.
-    c.problems = [Problem(p.key.removeprefix("(top level)."), p.message, p.line) for p in c.problems]
+    c.problems = [
+        Problem(key, p.message, doc.lines.get(key)) for p in c.problems for key in [p.key.removeprefix("(top level).")]
+    ]
     return c
 
 

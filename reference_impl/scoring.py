@@ -74,6 +74,13 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode; the main process owns the cores for the forward pass
 
 
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:  # unreadable now: keep it in the run, where the loader reports it by name instead of crashing
+        return None
+
+
 def already_scored(out: Path, bundle_sha256: str) -> set[str]:
     """sha256 of every image in ``out`` scored by this exact bundle."""
     if not out.exists():
@@ -120,7 +127,7 @@ def score_folder(
     paths = list(iter_image_files(folder))
     if done:
         # Hashing every file again is cheap next to decoding and inference, and it is what makes skipping exact.
-        keep = [p for p in paths if hashlib.sha256(p.read_bytes()).hexdigest() not in done]
+        keep = [p for p in paths if _sha256_or_none(p) not in done]
         skipped, paths = len(paths) - len(keep), keep
     else:
         skipped = 0

@@ -36,7 +36,7 @@ def test_dockerfile_torch_pins_match_the_project() -> None:
     assert f"torchvision=={_constraint('torchvision')}" in DOCKERFILE
 
 
-def test_k8s_manifest_probes_and_ports_match_the_server() -> None:
+def test_k8s_manifest_probes_and_ports_match_the_server(tmp_path: Path) -> None:
     from reference_impl.serving import ServingConfig, create_app
     from reference_impl.settings import Settings
 
@@ -46,7 +46,7 @@ def test_k8s_manifest_probes_and_ports_match_the_server() -> None:
     container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     paths = {container["readinessProbe"]["httpGet"]["path"], container["livenessProbe"]["httpGet"]["path"]}
     assert paths == {"/v2/health/ready", "/v2/health/live"}
-    app = create_app(Settings(state_dir=REPO / ".mlops" / "unused"), ServingConfig(bundle_path="unused"))
+    app = create_app(Settings(state_dir=tmp_path), ServingConfig(bundle_path="unused"))
     routes = set(app.openapi()["paths"])  # included routers may not appear as plain routes in app.routes
     assert paths <= routes and "/metrics" in routes
     exposed = re.search(r"^EXPOSE\s+(\d+)", DOCKERFILE, flags=re.M)

@@ -160,7 +160,9 @@ class DriftResult:
         moved = {f for f, p in self.ks_p_adjusted.items() if p <= alpha} | {
             f for f, b in self.psi_bands.items() if b == "major"
         }
-        return sorted(moved, key=lambda f: -self.psi.get(f, 0.0))
+        # Ties (PSI saturates once every image lands outside the reference range) are broken by the size of the
+        # median change, then by name: a set's order varies between processes, and reports must be reproducible.
+        return sorted(moved, key=lambda f: (-self.psi.get(f, 0.0), -abs(self.feature_shift.get(f, 0.0)), f))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

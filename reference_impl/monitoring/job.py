@@ -214,15 +214,15 @@ class Monitor:
         self.reports = reports
         self.report_dir = settings.state_dir / "reports"
 
-    def _labels(self) -> dict[str, str]:
-        """Inspector labels by image hash, from the review queue (empty if nobody has labelled anything yet)."""
+    def _labels(self) -> dict[str, tuple[str, str]]:
+        """Inspector labels by image hash -> (label, why it was reviewed), from the review queue."""
         from .review import ReviewQueue
 
         try:
             feedback = ReviewQueue(self.settings).feedback()
         except (sqlite3.Error, FileNotFoundError):
             return {}
-        return {f["input_sha256"]: f["label"] for f in feedback}
+        return {f["input_sha256"]: (f["label"], f.get("reason") or "") for f in feedback}
 
     def process_window(
         self, window_id: int, rows: list[dict[str, Any]], labels: dict[str, str], previous_rate: float | None
@@ -230,6 +230,10 @@ class Monitor:
         images, kept, unreadable = [], [], 0
         for r in rows:
             path = image_path(self.settings.state_dir, r["input_sha256"], r["input_format"])
+            if not r["input_format"] and not path.exists():
+                # A tensor input (v2 protocol) is never stored: nothing to decode, and not a failure either
+                # (check_window counts it as a tensor input). Counting it as unreadable alerted on every tensor.
+                continue
             try:
                 images.append(decode_image(path))
                 kept.append(r)
@@ -252,8 +256,13 @@ class Monitor:
             drift["calibration"] = self.detector.calibration.get(len(kept))
         else:
             drift = {"drifted": False, "statistics": {"psi": 0.0}, "moved": [], "skipped": "fewer than 20 images"}
-        truth = [(r["label"], labels[r["input_sha256"]]) for r in rows if r["input_sha256"] in labels]
+        labelled = [(r["label"], *labels[r["input_sha256"]]) for r in rows if r["input_sha256"] in labels]
+        # Items queued for low confidence are, by construction, the ones the model gets wrong most: accuracy measured
+        # on them is biased low. The random audit sample is unbiased, so it is preferred when there is enough of it.
+        audit = [t for t in labelled if t[2] == "random_audit"]
+        truth, sample = (audit, "random_audit") if len(audit) >= 5 else (labelled, "all_labelled")
         quality = measured_quality([t[0] for t in truth], [t[1] for t in truth], classes)
+        quality["sample"] = sample if truth else None
         quality["accuracy_estimated"] = estimated_accuracy(probs, self.profile.temperature)
         latencies = [r["latency_ms"] for r in rows if r.get("latency_ms") is not None]
         ops = {"p99_latency_ms": float(np.percentile(latencies, 99)) if latencies else None, "n": len(rows)}

@@ -55,8 +55,12 @@ class ReferenceProfile:
         null_images: np.ndarray,
         *,
         pca_dims: int = 16,
+        formats: tuple[str, ...] = ("png",),
     ) -> ReferenceProfile:
-        """Profile a model on held-out images (``reference`` for the tests, ``null`` for calibration)."""
+        """Profile a model on held-out images (``reference`` for the tests, ``null`` for calibration).
+
+        ``formats``: the input file types expected in production; any other is an integrity failure.
+        """
         ref_pred = predictor.predict(reference_images, with_embeddings=True)
         null_pred = predictor.predict(null_images, with_embeddings=True)
         pca = PCA.fit(ref_pred.embeddings, k=pca_dims)
@@ -73,7 +77,9 @@ class ReferenceProfile:
             "widths": sorted({int(v) for v in feats["width"]}),
             "heights": sorted({int(v) for v in feats["height"]}),
             "bit_depths": sorted({int(v) for v in feats["bit_depth"]}),
-            "formats": ["png", "jpeg", "tiff"],
+            # The file types the line normally sends (the course's images are PNG). Listing every type the server
+            # accepts (png, jpeg, tiff) made format_mismatch impossible: a camera switching to TIFF went unflagged.
+            "formats": list(formats),
         }
         return cls(
             DRIFT_FEATURES,

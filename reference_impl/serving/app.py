@@ -228,7 +228,16 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
 
     @app.post("/v1/admin/reload", dependencies=[Depends(require_admin)])
     async def reload() -> dict[str, Any]:
-        return await service.reload()
+        from ..packaging import BundleError
+        from ..registry import RegistryError
+
+        try:
+            return await service.reload()
+        except (RegistryError, BundleError) as exc:
+            # The registry points at something we refuse to serve (unknown alias, tampered artifacts): tell the
+            # operator why, instead of an anonymous 500. The old models keep serving (see service.reload).
+            current = service.champion.version if service.champion else None
+            raise ClientError(409, f"reload refused, still serving version {current}: {exc}") from exc
 
     @app.get("/metrics")
     async def prometheus() -> Response:

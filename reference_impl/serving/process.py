@@ -70,18 +70,14 @@ class ServerProcess:
         raise TimeoutError(f"server not ready after {self.ready_timeout_s:.0f} s")
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
-        """SIGTERM, wait, then SIGKILL if needed. Returns the exit status: 0 after a graceful shutdown.
-
-        uvicorn shuts down gracefully on SIGTERM (lifespan shutdown: queue drained, prediction log flushed) and
-        then re-raises the signal so a supervisor can see why it stopped; that status (-15) is a clean stop here.
-        """
+        """SIGTERM, wait, then SIGKILL if needed. Returns the exit status: 0 after a graceful shutdown (the serve
+        command drains the queue and flushes the prediction log first), negative if it had to be killed."""
         if self.proc is None or self.proc.poll() is not None:
             self.returncode = self.proc.returncode if self.proc else None
             return self.returncode
         self.proc.send_signal(signal.SIGTERM)
         try:
-            status = self.proc.wait(timeout=timeout_s)
-            self.returncode = 0 if status == -signal.SIGTERM else status
+            self.returncode = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.returncode = self.proc.wait()

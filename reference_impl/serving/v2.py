@@ -26,7 +26,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from .app import read_body, request_id_of
+from .app import _REQUEST_ID, read_body, request_id_of
 from .service import ClientError, DecodedImage, RawFile, decode_array
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
@@ -131,6 +131,17 @@ def _deserialize_bytes(raw: bytes) -> list[bytes]:
     return out
 
 
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """The optional ``parameters`` object of a request, input or output. Anything but an object is a client
+    mistake (a 400), never an AttributeError (a 500)."""
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ClientError(400, f"{where}: 'parameters' must be a JSON object, got {type(params).__name__}")
+    return params
+
+
 def _flatten(data: Any) -> list[Any]:
     if isinstance(data, list) and data and isinstance(data[0], list):
         return [x for row in data for x in _flatten(row)]
@@ -147,12 +158,13 @@ def _tensor_images(
     shape = tensor.get("shape")
     if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
         raise ClientError(400, "each input needs 'name' (string), 'datatype' (string) and 'shape' (list of ints)")
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
+    # bool is a subclass of int in Python: `true` is not a dimension.
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ClientError(400, f"input {name!r}: shape must be non-negative integers, got {shape}")
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(tensor, f"input {name!r}").get("binary_data_size")
     raw = None
     if size is not None:
-        if not isinstance(size, int) or offset + size > len(binary):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
             raise ClientError(400, f"input {name!r}: binary_data_size {size} exceeds the binary payload")
         raw, offset = binary[offset : offset + size], offset + size
     elif "data" not in tensor:
@@ -179,12 +191,15 @@ def _tensor_images(
         raise ClientError(400, f"input {name!r}: shape {shape} must be [H, W], [N, H, W] or [N, C, H, W]")
     count = int(np.prod(shape))
     h, w = shape[-2], shape[-1]
+    if h == 0 or w == 0:  # an empty image cannot be preprocessed: say so instead of failing inside the model
+        raise ClientError(400, f"input {name!r}: shape {shape} has an empty image; height and width must be >= 1")
     if h * w > max_pixels:
         raise ClientError(413, f"input {name!r}: {h}x{w} images exceed the limit of {max_pixels:,} pixels")
     dtype = np.dtype(PIXEL_TYPES[datatype]).newbyteorder("<")
     try:
         arr = np.frombuffer(raw, dtype=dtype) if raw is not None else np.asarray(_flatten(tensor["data"]), dtype)
-    except (ValueError, TypeError) as exc:
+    # OverflowError: numpy 2 refuses e.g. 300 or -1 for UINT8 instead of wrapping around; that is the client's.
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ClientError(400, f"input {name!r}: data is not a flat list of {datatype} numbers ({exc})") from exc
     if arr.size != count:
         raise ClientError(400, f"input {name!r}: shape {shape} needs {count} values, got {arr.size}")
@@ -239,7 +254,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     from starlette.concurrency import run_in_threadpool
 
     images, _ = await run_in_threadpool(_tensor_images, inputs[0], binary, 0, config.max_pixels)
-    params = payload.get("parameters") or {}
+    params = _parameters(payload, "request")
     requested = payload.get("outputs")
     if requested is None:
         wanted = [(o, bool(params.get("binary_data_output", False))) for o in OUTPUTS]
@@ -247,12 +262,19 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         unknown = [o["name"] for o in requested if o["name"] not in OUTPUTS]
         if unknown:
             raise ClientError(400, f"unknown output(s) {unknown}; this model has {list(OUTPUTS)}")
-        wanted = [(o["name"], bool((o.get("parameters") or {}).get("binary_data",
-                                                                     params.get("binary_data_output", False))))
-                  for o in requested]  # fmt: skip
+        wanted = [(o["name"], bool(_parameters(o, f"output {o['name']!r}").get(
+                      "binary_data", params.get("binary_data_output", False)))) for o in requested]  # fmt: skip
     else:
         raise ClientError(400, "'outputs' must be a list of objects with a 'name'")
-    request_id = str(payload.get("id")) if payload.get("id") is not None else request_id_of(request)
+    # The v2 "id" is a request id like X-Request-ID (it routes canaries and lands in the prediction log): the same
+    # rules apply, rather than str() of whatever JSON value was sent.
+    given_id = payload.get("id")
+    if given_id is None:
+        request_id = request_id_of(request)
+    elif isinstance(given_id, str) and _REQUEST_ID.match(given_id):
+        request_id = given_id
+    else:
+        raise ClientError(400, "'id' must be a string of 1-128 letters, digits, '.', '_', ':' or '-'")
     result = await _service(request).predict(images, f"/v2/models/{name}/infer", request_id)
     preds = result["predictions"]
     classes = list(preds[0]["probabilities"])
