@@ -38,7 +38,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=labs
+	# One state dir for every lab: the baseline model is trained once and shared, not once per lab folder.
+	MLOPS_STATE_DIR=$(abspath .mlops) $(VENV)/bin/jupyter lab --notebook-dir=labs
 
 release: $(STAMP)
 	$(PY) -m courseware release
@@ -56,3 +57,46 @@ format: $(STAMP)
 
 clean:
 	rm -rf .mlops .pytest_cache .ruff_cache
+
+# --- The course around the labs: chapter, SME overlay, quizzes, grading a term (INSTRUCTORS.md) -----------------
+.PHONY: help-course book book-deps overlay quiz collect autograde feedback grades
+LAB ?=
+FROM ?=
+GRADES ?= grades.csv
+
+help-course:
+	@echo "make book                   chapter + SME overlay -> _build/book (HTML if the book extra is installed)"
+	@echo "make book-deps              install the book toolchain (Sphinx + myst-parser, works offline)"
+	@echo "make overlay                check chapters/organization.yaml and summarise it"
+	@echo "make quiz                   regenerate the quiz and the self-check notebook from quizzes/bank.yaml"
+	@echo "make collect LAB=id FROM=dir   copy dir/<student>/<id>/*.ipynb into submitted/"
+	@echo "make autograde LAB=id       autograde submitted/<student>/<id> (every student)"
+	@echo "make feedback LAB=id        HTML feedback in feedback/<student>/<id>/"
+	@echo "make grades                 export the gradebook to $(GRADES)"
+
+book: $(STAMP)
+	$(PY) -m courseware book
+
+book-deps: $(STAMP)
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[book]'
+
+overlay: $(STAMP)
+	$(PY) -m courseware overlay
+
+quiz: $(STAMP)
+	$(PY) -m courseware quiz
+
+collect: $(STAMP)
+	@test -n "$(LAB)" -a -n "$(FROM)" || { echo "usage: make collect LAB=<assignment id> FROM=<folder of student folders>"; exit 2; }
+	$(PY) -m courseware collect $(LAB) $(FROM)
+
+autograde: $(STAMP)
+	@test -n "$(LAB)" || { echo "usage: make autograde LAB=<assignment id>, e.g. LAB=lab01-packaging"; exit 2; }
+	$(PY) -m courseware autograde $(LAB)
+
+feedback: $(STAMP)
+	@test -n "$(LAB)" || { echo "usage: make feedback LAB=<assignment id>"; exit 2; }
+	$(PY) -m courseware feedback $(LAB)
+
+grades: $(STAMP)
+	$(PY) -m courseware export --out $(GRADES)

@@ -14,7 +14,7 @@ import time
 
 from reference_impl.settings import Settings
 
-BENCHMARKS = ("foundation",)
+BENCHMARKS = ("foundation", "serving", "labs")
 
 
 def main(argv: list[str] | None = None) -> int:

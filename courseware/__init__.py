@@ -1,1 +1,3 @@
-"""Instructor tooling: releasing labs, autograding, and (later) quizzes, the SME overlay and grade export."""
+"""Instructor tooling: release and autograde labs (grading), the SME overlay (overlay), the chapter build
+(book), quizzes (quiz) and a grading term end to end (instructor). ``python -m courseware --help`` lists the commands.
+"""

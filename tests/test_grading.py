@@ -43,7 +43,10 @@ def _blocks(text: str, begin: str, end: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lab_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("lab-state")
+    # Shared with the other notebook-running tests of this session, so the baseline model is trained only once.
+    path = tmp_path_factory.getbasetemp() / "shared-baseline-state"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,140 @@
+"""Labs benchmark: each lab's wall time and peak memory on ONE CPU core, the budget mybinder.org gives.
+
+Targets (course issue): every lab runs top to bottom in <= 120 s within <= 1.5 GB RSS on 1 core, once the baseline
+model is cached, which is how Binder's postBuild leaves it. The cost of that pre-training (paid while the image is
+built) is measured first, on the same core.
+
+Method. Each notebook is the nbgrader *source* (solutions filled in, hidden tests included, i.e. the longest path a
+learner or the autograder can take), executed by nbclient in a child process pinned to CPU 0 with
+``sched_setaffinity``; the Jupyter kernel and anything it starts inherit the pinning. Peak memory is the largest
+total PSS (proportional set size: shared library pages split between the processes that map them) of the child's
+whole process tree (nbclient + kernel + the kernel's own subprocesses), sampled every 0.1 s, since Binder's 2 GB
+limit applies to the container as a whole; the largest single-process RSS is recorded too.
+``OMP_NUM_THREADS=1`` as in ``binder/start``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET_SECONDS = 120.0
+TARGET_MEMORY_MB = 1536.0
+
+_EXECUTE = """
+import json, sys, time
+import nbformat
+from nbclient import NotebookClient
+path = sys.argv[1]
+nb = nbformat.read(path, as_version=4)
+start = time.perf_counter()
+NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": sys.argv[2]}}).execute()
+print(json.dumps({"execute_seconds": time.perf_counter() - start}))
+"""
+
+_PRETRAIN = """
+import json, time
+start = time.perf_counter()
+from reference_impl.loop import baseline_bundle
+baseline_bundle()
+print(json.dumps({"execute_seconds": time.perf_counter() - start}))
+"""
+
+
+def _pin_to_core_zero() -> None:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {0})
+
+
+def _tree_memory(proc: Any) -> tuple[int, int]:
+    """(total PSS of the process tree, largest single RSS), in bytes.
+
+    RSS counts shared pages (torch's libraries, mapped by the kernel AND by any Python it starts) once per process,
+    so a sum of RSS overstates what the container uses. PSS splits each shared page between the processes that map
+    it, so the tree's PSS sum is what a memory limit such as Binder's actually sees.
+    """
+    import psutil
+
+    pss_total, rss_max = 0, 0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):  # it may exit while we read it
+            info = p.memory_full_info()
+            pss_total += getattr(info, "pss", info.rss)  # PSS is Linux-only; elsewhere RSS is the best we have
+            rss_max = max(rss_max, info.rss)
+    return pss_total, rss_max
+
+
+def measure(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 900) -> dict[str, Any]:
+    """Run ``cmd`` on core 0; return wall seconds, peak memory of its process tree (MB) and the JSON it printed."""
+    import psutil
+
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_pin_to_core_zero)  # fmt: skip
+    proc, peak, peak_rss = psutil.Process(child.pid), 0, 0
+    while child.poll() is None:
+        try:
+            pss, rss = _tree_memory(proc)
+        except psutil.NoSuchProcess:
+            break
+        peak, peak_rss = max(peak, pss), max(peak_rss, rss)
+        if time.perf_counter() - start > timeout:
+            child.kill()
+            raise TimeoutError(f"{' '.join(cmd[:3])} ... took more than {timeout:.0f} s")
+        time.sleep(0.1)
+    stdout, stderr = child.communicate()
+    wall = time.perf_counter() - start
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {child.returncode}):\n{stderr[-3000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return {"wall_seconds": wall, "peak_mb": peak / 2**20, "peak_single_rss_mb": peak_rss / 2**20, **result}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    from courseware import grading
+
+    labs = grading.assignments()
+    if quick:
+        labs = labs[:2]
+    out: dict[str, Any] = {"cpu_affinity": [0], "targets": {"seconds": TARGET_SECONDS, "memory_mb": TARGET_MEMORY_MB}}
+    with tempfile.TemporaryDirectory(prefix="bench-labs-") as tmp:
+        state = Path(tmp) / "state"
+        env = {**os.environ, "MLOPS_STATE_DIR": str(state), "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}",
+               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+
+        print("pre-training the baseline model (what Binder's postBuild does) on 1 core ...", flush=True)
+        out["pretrain"] = measure([sys.executable, "-c", _PRETRAIN], env, REPO)
+        print(f"  {out['pretrain']['wall_seconds']:.1f} s, peak {out['pretrain']['peak_mb']:.0f} MB", flush=True)
+
+        out["labs"] = {}
+        for aid in labs:
+            work = Path(tmp) / aid
+            shutil.copytree(REPO / "solutions" / aid, work)
+            nb = work / f"{aid}.ipynb"
+            print(f"{aid}: running the solution notebook on 1 core ...", flush=True)
+            r = measure([sys.executable, "-c", _EXECUTE, str(nb), str(work)], env, work)
+            r["within_targets"] = r["wall_seconds"] <= TARGET_SECONDS and r["peak_mb"] <= TARGET_MEMORY_MB
+            out["labs"][aid] = r
+            print(f"  {r['wall_seconds']:.1f} s wall ({r['execute_seconds']:.1f} s executing), "
+                  f"peak {r['peak_mb']:.0f} MB", flush=True)  # fmt: skip
+
+    row = "{:<28} {:>8.1f} {:>8.1f} {:>8.0f}  {}"
+    header = f"{'lab (1 core, model cached)':<28} {'wall s':>8} {'cells s':>8} {'PSS MB':>8}  targets 120 s, 1536 MB"
+    lines = ["", header]
+    for aid, r in out["labs"].items():
+        verdict = "ok" if r["within_targets"] else "OVER"
+        lines.append(row.format(aid, r["wall_seconds"], r["execute_seconds"], r["peak_mb"], verdict))
+    p = out["pretrain"]
+    lines.append(row.format("(postBuild pre-training)", p["wall_seconds"], p["execute_seconds"], p["peak_mb"], ""))
+    print("\n".join(lines))
+    return out

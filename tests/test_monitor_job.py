@@ -1,0 +1,397 @@
+"""The monitoring job (issue 4, section 4): prediction log -> windows -> every check -> store, gauges, reports,
+alerts; resuming, recomputing, time windows, integrity failures, and the ``monitor`` CLI command.
+
+The prediction log is written with the server's own writer (``PredictionLog``), row by row as the server fills it
+(see ``serving/service.py``), with the PNG bytes stored in the content-addressed image folder the job reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from reference_impl.monitoring.drift import DriftDetector
+from reference_impl.settings import Settings
+
+WINDOW = 100
+# Same sizes as tests/test_drift.py: both modules share one profiled bundle folder per session.
+PROFILE_N_REFERENCE = 400
+PROFILE_N_NULL = 800
+
+
+@pytest.fixture(scope="session")
+def profile_bundle(small_training, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's small model packaged WITH a monitoring profile (shared with tests/test_drift.py)."""
+    from reference_impl.loop import package_with_profile
+    from reference_impl.packaging import MANIFEST
+
+    out = tmp_path_factory.getbasetemp() / "profile-bundle"
+    if not (out / MANIFEST).is_file():
+        package_with_profile(small_training, out, seed=0, model_name="weld-test", model_version="1.0-profile",
+                             data_manifest=None, n_reference=PROFILE_N_REFERENCE, n_null=PROFILE_N_NULL)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def shared_detector(profile_bundle: Path) -> DriftDetector:
+    """One detector for the whole module, so the thresholds for a window size are calibrated once.
+
+    Every Monitor builds its own detector from the profile; the tests below hand it this one instead (the same
+    profile, alpha = the policy's 5 %), which keeps them fast without changing what is checked.
+    """
+    from reference_impl.monitoring.profile import ReferenceProfile
+
+    return ReferenceProfile.load(profile_bundle).detector(alpha=0.05)
+
+
+@pytest.fixture(autouse=True)
+def reuse_detector(monkeypatch: pytest.MonkeyPatch, shared_detector: DriftDetector) -> None:
+    from reference_impl.monitoring.profile import ReferenceProfile
+
+    monkeypatch.setattr(ReferenceProfile, "detector", lambda self, alpha=0.05: shared_detector)
+
+
+class Item:
+    """One image as a client sent it, with the model's answer as the server logged it."""
+
+    def __init__(self, pixels: np.ndarray, payload: bytes, fmt: str, probs: np.ndarray, classes: tuple[str, ...]):
+        self.pixels, self.payload, self.fmt = pixels, payload, fmt
+        self.sha = hashlib.sha256(payload).hexdigest()
+        self.probabilities = {c: float(p) for c, p in zip(classes, probs, strict=True)}
+        k = int(np.argmax(probs))
+        self.label, self.confidence = classes[k], float(probs[k])
+
+
+def _items(predictor: Any, images: np.ndarray) -> list[Item]:
+    from reference_impl import data
+
+    probs = predictor.predict(images).probabilities
+    return [
+        Item(im, data.encode_png(im), "png", p, tuple(predictor.classes)) for im, p in zip(images, probs, strict=True)
+    ]
+
+
+def _tiff16(item: Item) -> Item:
+    """The same radiograph as a 16-bit TIFF, as a new camera would send it (same model answer, for simplicity)."""
+    import io
+
+    from PIL import Image
+
+    pixels = item.pixels.astype(np.uint16) * 257  # full 16-bit range
+    buf = io.BytesIO()
+    height, width = pixels.shape
+    Image.frombytes("I;16", (width, height), pixels.astype("<u2").tobytes()).save(buf, format="TIFF")
+    probs = np.array(list(item.probabilities.values()))
+    return Item(pixels, buf.getvalue(), "tiff", probs, tuple(item.probabilities))
+
+
+@pytest.fixture(scope="module")
+def stream(profile_bundle: Path) -> dict[str, list[Item]]:
+    """Baseline images, then images from a new camera (severity 0.8), with the model's probabilities."""
+    from reference_impl import data
+    from reference_impl.inference import Predictor
+
+    predictor = Predictor.from_path(profile_bundle, device="cpu")
+    baseline = data.generate(3 * WINDOW, seed=51)
+    camera = data.generate(3 * WINDOW, seed=52, condition="new_camera", severity=0.8)
+    return {"baseline": _items(predictor, baseline.images), "camera": _items(predictor, camera.images)}
+
+
+def write_log(settings: Settings, items: list[Item], *, t0: float = 1_800_000_000.0, step_s: float = 1.0,
+              store_images: bool = True) -> None:  # fmt: skip
+    """Append rows exactly as the server's InferenceService does (one image per request, champion role)."""
+    from reference_impl.serving.predlog import PredictionLog, PredictionRecord
+
+    state = settings.state_dir
+    log = PredictionLog(state / "predictions.db", state / "images" if store_images else None)
+    try:
+        for i, it in enumerate(items):
+            scaled = it.pixels.astype(np.float32) / (65535.0 if it.pixels.dtype == np.uint16 else 255.0)
+            bit_depth = 16 if it.pixels.dtype == np.uint16 else 8
+            record = PredictionRecord(
+                t0 + i * step_s,
+                f"req-{t0:.0f}-{i}",
+                0,
+                "champion",
+                "weld-test",
+                "1.0-profile",
+                "/v1/predict",
+                it.sha,
+                it.fmt,
+                int(it.pixels.shape[1]),
+                int(it.pixels.shape[0]),
+                "I;16" if bit_depth == 16 else "L",
+                bit_depth,
+                float(scaled.mean()),
+                float(scaled.std()),
+                it.label,
+                it.confidence,
+                it.probabilities,
+                latency_ms=12.5,
+            )
+            log.append(record, it.payload)
+    finally:
+        log.close()
+
+
+def _db_windows(settings: Settings) -> list[tuple[int, int, int, int]]:
+    conn = sqlite3.connect(settings.state_dir / "monitoring.db")
+    try:
+        return conn.execute(
+            "SELECT window_id, n, drifted, integrity_failures FROM windows ORDER BY window_id"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def _monitor(profile_bundle: Path, *, reports: bool = False):
+    from reference_impl.monitoring.job import Monitor
+
+    return Monitor(Settings.from_env(), bundle_dir=profile_bundle, reports=reports)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The full job: baseline windows, then a new camera
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_monitor_detects_a_new_camera_end_to_end(profile_bundle: Path, stream) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    settings = Settings.from_env()
+    write_log(settings, stream["baseline"][: 2 * WINDOW] + stream["camera"][: 2 * WINDOW])
+    monitor = _monitor(profile_bundle, reports=True)
+    try:
+        reports = monitor.run(window_size=WINDOW)
+    finally:
+        monitor.close()
+
+    assert [w.window_id for w in reports] == [1, 2, 3, 4]
+    assert [(w.first_row, w.last_row) for w in reports] == [(1, 100), (101, 200), (201, 300), (301, 400)]
+    assert [w.drift["drifted"] for w in reports] == [False, False, True, True]
+    for w in reports[2:]:
+        assert {"noise", "sharpness"} <= set(w.drift["moved"])
+        assert w.integrity["failures"] == 0  # same size, depth and format: statistical drift, not integrity
+    assert all(w.model_versions == ["1.0-profile"] for w in reports)
+    assert all(w.ops["p99_latency_ms"] == pytest.approx(12.5) for w in reports)
+
+    # The monitoring store: one row per window, verdicts included.
+    assert _db_windows(settings) == [(1, 100, 0, 0), (2, 100, 0, 0), (3, 100, 1, 0), (4, 100, 1, 0)]
+
+    # Prometheus textfile: parses, and carries the latest window's verdict.
+    text = (settings.state_dir / "monitoring.prom").read_text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["weld_drift_detected"].samples[0].value == 1.0
+    assert families["weld_monitor_window"].samples[0].value == 4.0
+    psi_by_feature = {s.labels["feature"]: s.value for s in families["weld_drift_psi"].samples}
+    assert set(psi_by_feature) == {"brightness", "contrast", "sharpness", "noise", "entropy"}
+    assert psi_by_feature["noise"] == pytest.approx(reports[-1].drift["psi"]["noise"])
+    assert families["weld_integrity_failures"].samples[0].value == 0.0
+
+    # Reports per window: Evidently HTML + JSON and our compact summary.
+    for w in reports:
+        html, ev_json = Path(w.report_paths["html"]), Path(w.report_paths["evidently_json"])
+        assert html.is_file() and html.stat().st_size > 1000
+        evidently = json.loads(ev_json.read_text())
+        assert any("DriftedColumnsCount" in m["metric_name"] for m in evidently["metrics"])
+    first = json.loads(Path(reports[0].report_paths["summary"]).read_text())
+    assert first["drifted"] is False and first["moved_features"] == {}
+    last = json.loads(Path(reports[-1].report_paths["summary"]).read_text())
+    assert last["window"] == 4 and last["drifted"] is True
+    assert {"noise", "sharpness"} <= set(last["moved_features"])
+    for feature in ("noise", "sharpness"):
+        moved = last["moved_features"][feature]
+        assert moved["since_window"] == 3  # the first drifted window, not the latest one
+        assert moved["psi"] > 0.25
+        assert moved["median_change"] == pytest.approx(reports[-1].drift["feature_shift"][feature])
+
+    # Alerts: the drift group fires on window 3 and goes to the JSON-lines sink with its evidence.
+    alerts_file = settings.state_dir / "alerts.jsonl"
+    assert alerts_file.is_file()
+    sent = [json.loads(line) for line in alerts_file.read_text().splitlines()]
+    drift_alerts = [a for a in sent if a["rule"] in ("drift_detected", "psi_major_shift")]
+    assert drift_alerts, sent
+    assert drift_alerts[0]["evidence"]["window_id"] == 3
+    assert {"noise", "sharpness"} <= set(drift_alerts[0]["evidence"]["moved_features"])
+    assert drift_alerts[0]["runbook"]
+    assert any(a["rule"] in ("drift_detected", "psi_major_shift") for a in reports[2].alerts)
+
+
+def test_second_run_processes_nothing_new_then_resumes(profile_bundle: Path, stream) -> None:
+    settings = Settings.from_env()
+    write_log(settings, stream["baseline"][: 2 * WINDOW] + stream["camera"][:50])
+    monitor = _monitor(profile_bundle)
+    try:
+        first = monitor.run(window_size=WINDOW, alerts=False)
+        again = monitor.run(window_size=WINDOW, alerts=False)
+    finally:
+        monitor.close()
+    assert [w.window_id for w in first] == [1, 2]
+    assert again == []  # the 50 rows of the partial third window wait for the next run
+    assert len(_db_windows(settings)) == 2
+
+    write_log(settings, stream["camera"][50:WINDOW], t0=1_800_001_000.0)  # the third window completes
+    monitor = _monitor(profile_bundle)  # a new process on the next cron tick: state comes from the store
+    try:
+        resumed = monitor.run(window_size=WINDOW, alerts=False)
+    finally:
+        monitor.close()
+    assert [(w.window_id, w.first_row, w.last_row) for w in resumed] == [(3, 201, 300)]
+    assert resumed[0].drift["drifted"]  # half baseline, half new camera: still clearly drifted
+    assert [r[0] for r in _db_windows(settings)] == [1, 2, 3]
+
+
+def test_from_start_recomputes(profile_bundle: Path, stream) -> None:
+    settings = Settings.from_env()
+    write_log(settings, stream["baseline"][: 2 * WINDOW])
+    monitor = _monitor(profile_bundle)
+    try:
+        first = monitor.run(window_size=WINDOW, alerts=False)
+        again = monitor.run(window_size=WINDOW, alerts=False, from_start=True)  # without the flag: nothing new
+    finally:
+        monitor.close()
+    assert [w.window_id for w in again] == [w.window_id for w in first] == [1, 2]
+    assert [(w.first_row, w.last_row) for w in again] == [(1, 100), (101, 200)]
+    assert [w.drift["statistics"] for w in again] == [w.drift["statistics"] for w in first]  # deterministic
+    assert [r[0] for r in _db_windows(settings)] == [1, 2]  # replaced, not appended
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Windows by time
+# ----------------------------------------------------------------------------------------------------------------
+def test_split_windows_by_count_and_by_time() -> None:
+    from reference_impl.monitoring.job import split_windows
+
+    rows = [{"id": i + 1, "ts": 600.0 * 10 + 20.0 * i} for i in range(100)]  # 3 rows a minute from 10:00
+    by_count = split_windows(rows, 30, None)
+    assert [len(w) for w in by_count] == [30, 30, 30]  # the last 10 rows wait
+    by_time = split_windows(rows, None, 10)  # 10-minute buckets: 30 rows each, the 4th (10 rows) is still filling
+    assert [len(w) for w in by_time] == [30, 30, 30]
+    assert [w[0]["id"] for w in by_time] == [1, 31, 61]
+    assert all(int(r["ts"] // 600) == int(w[0]["ts"] // 600) for w in by_time for r in w)
+    assert split_windows(rows[:5], None, 10) == []  # a single bucket may still be filling
+
+
+def test_monitor_by_time_leaves_the_last_bucket(profile_bundle: Path, stream) -> None:
+    settings = Settings.from_env()
+    t0 = 1_800_000_000.0 - 1_800_000_000.0 % 300  # a bucket boundary of 5-minute windows
+    # 3 s apart: 100 rows per 5-minute bucket; 250 rows = two complete buckets and a half-filled third.
+    write_log(settings, stream["baseline"][:250], t0=t0, step_s=3.0)
+    monitor = _monitor(profile_bundle)
+    try:
+        reports = monitor.run(window_minutes=5, alerts=False)
+        assert [(w.window_id, w.n, w.first_row, w.last_row) for w in reports] == [(1, 100, 1, 100), (2, 100, 101, 200)]
+        assert reports[0].integrity["rate_per_min"] == pytest.approx(100 / (99 * 3 / 60))
+        assert reports[1].integrity["volume_ratio"] == pytest.approx(1.0)
+        # The third bucket fills up later; the next run picks up its rows, including those already logged.
+        write_log(settings, stream["baseline"][250:300], t0=t0 + 250 * 3.0, step_s=3.0)
+        write_log(settings, stream["camera"][:10], t0=t0 + 900.0, step_s=3.0)  # opens a fourth bucket
+        later = monitor.run(window_minutes=5, alerts=False)
+    finally:
+        monitor.close()
+    assert [(w.window_id, w.n, w.first_row, w.last_row) for w in later] == [(3, 100, 201, 300)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Integrity failures inside the job
+# ----------------------------------------------------------------------------------------------------------------
+def test_missing_image_is_an_integrity_failure_not_a_crash(profile_bundle: Path, stream, shared_detector) -> None:
+    from reference_impl.monitoring.job import image_path
+
+    settings = Settings.from_env()
+    items = stream["baseline"][:WINDOW]
+    write_log(settings, items)
+    image_path(settings.state_dir, items[7].sha, "png").unlink()  # e.g. a cleanup job removed it
+    image_path(settings.state_dir, items[8].sha, "png").write_bytes(b"\x89PNG truncated")  # a damaged file
+    # The window has 98 readable images; reuse the 100-image thresholds rather than calibrating again.
+    shared_detector.set_thresholds(WINDOW - 2, shared_detector.calibrate(WINDOW))
+    monitor = _monitor(profile_bundle)
+    try:
+        (w,) = monitor.run(window_size=WINDOW)
+    finally:
+        monitor.close()
+    assert w.integrity["unreadable"] == 2
+    assert w.integrity["failures"] == 2
+    assert w.n == WINDOW and w.drift["n"] == WINDOW - 2  # the drift tests ran on what could be read
+    assert not w.drift["drifted"]
+    assert _db_windows(settings)[0][3] == 2
+    sent = [json.loads(line) for line in (settings.state_dir / "alerts.jsonl").read_text().splitlines()]
+    integrity = [a for a in sent if a["rule"] == "integrity_failures"]
+    assert len(integrity) == 1 and integrity[0]["evidence"]["value"] == 2
+
+
+def test_new_16_bit_tiff_camera_is_flagged_by_integrity(profile_bundle: Path, stream) -> None:
+    from reference_impl import data
+
+    settings = Settings.from_env()
+    sixteen = [_tiff16(it) for it in stream["baseline"][70:WINDOW]]
+    assert data.decode_image(sixteen[0].payload).dtype == np.uint16
+    write_log(settings, stream["baseline"][:70] + sixteen)
+    monitor = _monitor(profile_bundle)
+    try:
+        (w,) = monitor.run(window_size=WINDOW, alerts=False)
+    finally:
+        monitor.close()
+    assert w.integrity["format_mismatch"] == 30
+    assert w.integrity["bit_depth_mismatch"] == 30
+    assert w.integrity["unreadable"] == 0
+    assert w.integrity["formats_seen"] == {"png": 70, "tiff": 30}
+    assert w.integrity["failures"] == 60
+
+
+def test_tensor_inputs_are_not_unreadable(profile_bundle: Path, stream, shared_detector) -> None:
+    """v2 tensor inputs are never stored as files: the job must not count them as unreadable images."""
+    settings = Settings.from_env()
+    tensors = [Item(it.pixels, it.pixels.tobytes(), "", np.array(list(it.probabilities.values())),
+                    tuple(it.probabilities)) for it in stream["baseline"][:5]]  # fmt: skip
+    for it in tensors:
+        it.fmt = None  # the server logs input_format NULL for tensors and stores no file
+    write_log(settings, stream["baseline"][5:WINDOW], t0=1_800_000_000.0)
+    write_log(settings, tensors, t0=1_800_000_100.0, store_images=False)
+    shared_detector.set_thresholds(WINDOW - 5, shared_detector.calibrate(WINDOW))
+    monitor = _monitor(profile_bundle)
+    try:
+        (w,) = monitor.run(window_size=WINDOW, alerts=False)
+    finally:
+        monitor.close()
+    assert w.integrity["unreadable"] == 0
+    assert w.integrity["tensor_inputs"] == 5
+    assert w.integrity["failures"] == 0
+    assert w.drift["n"] == WINDOW - 5
+
+
+def test_monitor_needs_a_bundle_with_a_profile(bundle_dir: Path) -> None:
+    from reference_impl.monitoring.job import Monitor
+    from reference_impl.monitoring.profile import ProfileError
+
+    with pytest.raises(ProfileError, match="package_with_profile"):
+        Monitor(Settings.from_env(), bundle_dir=bundle_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+def test_cli_monitor_prints_the_timeline(profile_bundle: Path, stream, capsys: pytest.CaptureFixture[str]) -> None:
+    from reference_impl.cli import main
+
+    settings = Settings.from_env()
+    write_log(settings, stream["baseline"][:WINDOW] + stream["camera"][:WINDOW] + stream["camera"][WINDOW:150])
+    # --no-report: the Evidently reports are covered by the end-to-end test; here they would only cost time.
+    args = ["monitor", "--bundle", str(profile_bundle), "--window-size", str(WINDOW), "--no-report"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["window", "n", "drift"])
+    assert set(lines[header + 1]) == {"-"}
+    table = [line.split() for line in lines[header + 2 :]]
+    assert [row[:3] for row in table] == [["1", "100", "no"], ["2", "100", "YES"]]  # the partial third waits
+    assert "noise" in lines[header + 3] and "sharpness" in lines[header + 3]
+    assert not (settings.state_dir / "reports").exists()
+
+    assert main(args) == 0
+    assert "no complete window" in capsys.readouterr().out
