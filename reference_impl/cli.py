@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         bundle = save_bundle(result, args.out, model_name=settings.model_name, model_version=args.version,
                              data_manifest=manifest)  # fmt: skip
     else:
-        from .loop import package_with_profile
+        from .monitoring.profile import package_with_profile
 
         bundle = package_with_profile(result, Path(args.out), seed=settings.seed, model_name=settings.model_name,
                                       model_version=args.version or time.strftime("%Y%m%d%H%M%S"),

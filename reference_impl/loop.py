@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .monitoring.profile import package_with_profile
 from .settings import Settings
+
+__all__ = ["DemoConfig", "DemoResult", "baseline_bundle", "package_with_profile", "run_demo"]
 
 
 @dataclass
@@ -123,27 +126,6 @@ def run_demo(settings: Settings | None = None, config: DemoConfig | None = None,
     if echo:
         print(demo.summary())
     return demo
-
-
-REFERENCE_SEED_OFFSET = 10_001  # held-out reference images: a seed stream training never uses
-NULL_SEED_OFFSET = 10_002  # held-out null pool for calibrating drift thresholds
-
-
-def package_with_profile(result: Any, out_dir: Path, *, seed: int, model_name: str, model_version: str,
-                         data_manifest: Path | None, n_reference: int = 800, n_null: int = 1600,
-                         **kwargs: Any) -> Path:  # fmt: skip
-    """Save a bundle that carries its monitoring reference profile (held-out images, never the training data)."""
-    from . import data
-    from .inference import Predictor
-    from .monitoring.profile import ReferenceProfile
-    from .packaging import Bundle, save_bundle
-
-    reference = data.generate(n_reference, seed=seed + REFERENCE_SEED_OFFSET)
-    null = data.generate(n_null, seed=seed + NULL_SEED_OFFSET)
-    bundle = Bundle(out_dir, result.model, result.model_spec, result.preprocess, result.classes, {})
-    profile = ReferenceProfile.build(Predictor(bundle, device="cpu"), reference.images, reference.labels, null.images)
-    return save_bundle(result, out_dir, model_name=model_name, model_version=model_version,
-                       data_manifest=data_manifest, extra_files=profile.to_files(), **kwargs)  # fmt: skip
 
 
 def baseline_bundle(settings: Settings | None = None, *, n_images: int = 2000, epochs: int = 6) -> Path:

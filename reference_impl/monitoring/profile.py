@@ -28,6 +28,8 @@ from .quality import fit_temperature
 PROFILE_JSON = "monitoring/profile.json"
 PROFILE_NPZ = "monitoring/profile.npz"
 PROFILE_VERSION = 1
+REFERENCE_SEED_OFFSET = 10_001  # held-out reference images: a seed stream training never uses
+NULL_SEED_OFFSET = 10_002  # held-out null pool for calibrating drift thresholds
 
 
 class ProfileError(ValueError):
@@ -127,7 +129,7 @@ class ReferenceProfile:
         if not (root / PROFILE_JSON).is_file() or not (root / PROFILE_NPZ).is_file():
             raise ProfileError(
                 f"{root}: the bundle has no monitoring profile ({PROFILE_JSON}); re-package it with "
-                "a reference set (reference_impl.loop.package_with_profile)"
+                "a reference set (reference_impl.monitoring.profile.package_with_profile)"
             )
         meta = json.loads((root / PROFILE_JSON).read_text())
         if meta.get("profile_version") != PROFILE_VERSION:
@@ -151,3 +153,32 @@ class ReferenceProfile:
     def sample_of(self, images: Any, probs: np.ndarray, embeddings: np.ndarray) -> Sample:
         """A window's Sample from decoded images and the model's outputs on them."""
         return Sample(feature_matrix(image_features(images), self.feature_names), probs, self.pca.transform(embeddings))
+
+
+def package_with_profile(
+    result: Any,
+    out_dir: Path,
+    *,
+    seed: int,
+    model_name: str,
+    model_version: str,
+    data_manifest: Path | None,
+    n_reference: int = 800,
+    n_null: int = 1600,
+    condition: str = "baseline",
+    severity: float = 0.0,
+    **kwargs: Any,
+) -> Path:
+    """Save a bundle that carries its monitoring reference profile, built from held-out images (never the
+    training data) of the line condition the model is meant for: a challenger retrained for a new camera must be
+    compared with new-camera images, or it would raise drift alarms forever after the line has recovered."""
+    from .. import data
+    from ..inference import Predictor
+    from ..packaging import Bundle, save_bundle
+
+    reference = data.generate(n_reference, seed=seed + REFERENCE_SEED_OFFSET, condition=condition, severity=severity)
+    null = data.generate(n_null, seed=seed + NULL_SEED_OFFSET, condition=condition, severity=severity)
+    bundle = Bundle(Path(out_dir), result.model, result.model_spec, result.preprocess, result.classes, {})
+    profile = ReferenceProfile.build(Predictor(bundle, device="cpu"), reference.images, reference.labels, null.images)
+    return save_bundle(result, out_dir, model_name=model_name, model_version=model_version,
+                       data_manifest=data_manifest, extra_files=profile.to_files(), **kwargs)  # fmt: skip
