@@ -227,6 +227,26 @@ def test_changing_the_overlay_changes_the_chapter_and_the_policy_the_loop_uses(
     settings = Settings.from_env()
     assert settings.policy.promotion_gate.max_class_recall_drop == 0.05
     assert settings.policy.source == str(path)
+    # ... and the retraining loop's evaluation gate decides differently: a challenger that loses 0.04 of crack recall
+    # fails under the default 0.02 tolerance and passes under the SME's 0.05.
+    from reference_impl.retraining import evaluate_gate
+
+    golden_champion = {
+        "accuracy": 0.95,
+        "recall": {"good": 0.97, "porosity": 0.95, "crack": 0.94, "lack_of_fusion": 0.94},
+    }
+    golden_challenger = {
+        "accuracy": 0.96,
+        "recall": {"good": 0.99, "porosity": 0.97, "crack": 0.90, "lack_of_fusion": 0.98},
+    }
+    recent = ({"accuracy": 0.60, "recall": {}}, {"accuracy": 0.93, "recall": {}})
+
+    def verdict(policy: Policy) -> str:
+        return evaluate_gate(golden_champion, golden_challenger, recent_champion=recent[0],
+                             recent_challenger=recent[1], policy=policy).verdict  # fmt: skip
+
+    assert verdict(DEFAULT_POLICY) == "fail"
+    assert verdict(settings.policy) == "pass"
 
 
 def test_settings_import_stays_cheap_and_policy_loads_on_first_use() -> None:
