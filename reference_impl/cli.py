@@ -165,17 +165,36 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from .registry import Registry
+    """Through retraining.promote: refuses a version that did not pass the evaluation gate (unless --skip-gate),
+    writes the audit log, and hot-reloads a running server when --server-url is given."""
+    import getpass
+    import os
 
-    previous = Registry(_settings(args)).promote(args.version)
-    print(f"champion -> version {args.version} (previous champion: {previous})")
+    from .registry import Registry
+    from .retraining import AuditLog, promote
+
+    settings = _settings(args)
+    result = promote(Registry(settings), args.version, server_url=args.server_url,
+                     admin_key=os.environ.get("MLOPS_ADMIN_KEY"), audit=AuditLog(settings),
+                     decided_by=args.by or getpass.getuser(), require_gate=not args.skip_gate)  # fmt: skip
+    print(f"champion -> version {result.version} (previous champion: {result.previous})"
+          + (f"; server reloaded: {result.reload}" if result.reload else ""))  # fmt: skip
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from .registry import Registry
+    import getpass
+    import os
 
-    print(f"champion rolled back to version {Registry(_settings(args)).rollback()}")
+    from .registry import Registry
+    from .retraining import AuditLog, rollback
+
+    settings = _settings(args)
+    result = rollback(Registry(settings), reason=args.reason, decided_by=args.by or getpass.getuser(),
+                      server_url=args.server_url, admin_key=os.environ.get("MLOPS_ADMIN_KEY"),
+                      audit=AuditLog(settings))  # fmt: skip
+    print(f"champion rolled back from version {result.from_version} to {result.to_version}"
+          + (f"; server reloaded: {result.reload}" if result.reload else ""))  # fmt: skip
     return 0
 
 
@@ -358,10 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--alias", choices=("champion", "challenger"), help="also point this alias at the new version")
 
-    p = add("promote", cmd_promote, "make a registered version the champion (the previous one is kept for rollback)")
+    p = add("promote", cmd_promote, "make a registered version the champion (gated, audited; the previous one is kept "
+            "for rollback)")  # fmt: skip
     p.add_argument("version")
+    p.add_argument("--server-url", help="hot-reload this server after moving the alias (key from MLOPS_ADMIN_KEY)")
+    p.add_argument("--by", default=None, help="who decides (recorded in the audit log; default: your user name)")
+    p.add_argument("--skip-gate", action="store_true", help="promote without a passed evaluation gate (audited)")
 
-    add("rollback", cmd_rollback, "point the champion alias back at the previous champion")
+    p = add("rollback", cmd_rollback, "point the champion alias back at the previous champion (audited)")
+    p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    p.add_argument("--by", default=None, help="who decides (default: your user name)")
+    p.add_argument("--server-url", help="hot-reload this server afterwards (key from MLOPS_ADMIN_KEY)")
     add("registry", cmd_registry, "show registered versions, aliases and tags")
 
     p = add("services", cmd_services, "run the MLflow UI/tracking server on loopback until Ctrl-C")
@@ -441,8 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("register", "promote", "rollback", "registry", "serve", "score", "monitor"):
         from .monitoring.profile import ProfileError
         from .registry import RegistryError
+        from .retraining import RetrainingError, RolloutError
 
-        expected += (RegistryError, ProfileError)
+        expected += (RegistryError, ProfileError, RetrainingError, RolloutError)
     try:
         return args.func(args)
     except expected as exc:

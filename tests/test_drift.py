@@ -43,7 +43,7 @@ def profile_bundle(small_training, tmp_path_factory: pytest.TempPathFactory) -> 
     Built once per session into a fixed folder under pytest's base temp dir: tests/test_monitor_job.py defines
     the same fixture and reuses the folder instead of profiling the model a second time.
     """
-    from reference_impl.loop import package_with_profile
+    from reference_impl.monitoring.profile import package_with_profile
     from reference_impl.packaging import MANIFEST
 
     out = tmp_path_factory.getbasetemp() / "profile-bundle"
@@ -462,12 +462,14 @@ def test_measured_quality_hand_example() -> None:
     from reference_impl.monitoring.quality import measured_quality
 
     classes = ("good", "porosity", "crack", "lack_of_fusion")
-    predicted = ["good", "good", "crack", "porosity", "crack"]
-    true = ["good", "crack", "crack", "porosity", "good"]
+    predicted = ["good", "good", "good", "crack", "porosity", "crack"]
+    true = ["good", "good", "crack", "crack", "porosity", "lack_of_fusion"]
     q = measured_quality(predicted, true, classes)
-    assert q["n_labelled"] == 5
-    assert q["accuracy"] == pytest.approx(3 / 5)
-    assert q["recall"] == {"good": 0.5, "porosity": 1.0, "crack": 0.5}  # no lack_of_fusion labelled: no recall
+    assert q["n_labelled"] == 6
+    assert q["accuracy"] == pytest.approx(4 / 6)
+    # Recall = share of each TRUE class found (precision would give good 2/3 and crack 1/2).
+    assert q["recall"] == {"good": 1.0, "porosity": 1.0, "crack": 0.5, "lack_of_fusion": 0.0}
+    assert measured_quality(["good", "crack"], ["good", "good"], classes)["recall"] == {"good": 0.5}  # none else
     assert measured_quality([], [], classes) == {"n_labelled": 0, "accuracy": None, "recall": {}}
 
 

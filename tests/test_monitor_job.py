@@ -28,7 +28,7 @@ PROFILE_N_NULL = 800
 @pytest.fixture(scope="session")
 def profile_bundle(small_training, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session's small model packaged WITH a monitoring profile (shared with tests/test_drift.py)."""
-    from reference_impl.loop import package_with_profile
+    from reference_impl.monitoring.profile import package_with_profile
     from reference_impl.packaging import MANIFEST
 
     out = tmp_path_factory.getbasetemp() / "profile-bundle"
@@ -60,7 +60,8 @@ def reuse_detector(monkeypatch: pytest.MonkeyPatch, shared_detector: DriftDetect
 class Item:
     """One image as a client sent it, with the model's answer as the server logged it."""
 
-    def __init__(self, pixels: np.ndarray, payload: bytes, fmt: str, probs: np.ndarray, classes: tuple[str, ...]):
+    def __init__(self, pixels: np.ndarray, payload: bytes, fmt: str | None, probs: np.ndarray,
+                 classes: tuple[str, ...]) -> None:  # fmt: skip
         self.pixels, self.payload, self.fmt = pixels, payload, fmt
         self.sha = hashlib.sha256(payload).hexdigest()
         self.probabilities = {c: float(p) for c, p in zip(classes, probs, strict=True)}
@@ -104,8 +105,8 @@ def stream(profile_bundle: Path) -> dict[str, list[Item]]:
 
 
 def write_log(settings: Settings, items: list[Item], *, t0: float = 1_800_000_000.0, step_s: float = 1.0,
-              store_images: bool = True) -> None:  # fmt: skip
-    """Append rows exactly as the server's InferenceService does (one image per request, champion role)."""
+              store_images: bool = True, role: str = "champion") -> None:  # fmt: skip
+    """Append rows exactly as the server's InferenceService does (one image per request)."""
     from reference_impl.serving.predlog import PredictionLog, PredictionRecord
 
     state = settings.state_dir
@@ -118,7 +119,7 @@ def write_log(settings: Settings, items: list[Item], *, t0: float = 1_800_000_00
                 t0 + i * step_s,
                 f"req-{t0:.0f}-{i}",
                 0,
-                "champion",
+                role,
                 "weld-test",
                 "1.0-profile",
                 "/v1/predict",
@@ -248,7 +249,10 @@ def test_second_run_processes_nothing_new_then_resumes(profile_bundle: Path, str
 
 def test_from_start_recomputes(profile_bundle: Path, stream) -> None:
     settings = Settings.from_env()
-    write_log(settings, stream["baseline"][: 2 * WINDOW])
+    write_log(settings, stream["baseline"][:WINDOW])
+    # A challenger's shadow answers are logged too, but only what the clients received is monitored.
+    write_log(settings, stream["camera"][:WINDOW], t0=1_800_000_100.0, role="shadow")
+    write_log(settings, stream["baseline"][WINDOW : 2 * WINDOW], t0=1_800_000_200.0)
     monitor = _monitor(profile_bundle)
     try:
         first = monitor.run(window_size=WINDOW, alerts=False)
@@ -256,7 +260,8 @@ def test_from_start_recomputes(profile_bundle: Path, stream) -> None:
     finally:
         monitor.close()
     assert [w.window_id for w in again] == [w.window_id for w in first] == [1, 2]
-    assert [(w.first_row, w.last_row) for w in again] == [(1, 100), (101, 200)]
+    assert [(w.first_row, w.last_row) for w in again] == [(1, 100), (201, 300)]  # rows 101-200: shadow
+    assert not any(w.drift["drifted"] for w in again)  # the shadow rows (new camera) were not mixed in
     assert [w.drift["statistics"] for w in again] == [w.drift["statistics"] for w in first]  # deterministic
     assert [r[0] for r in _db_windows(settings)] == [1, 2]  # replaced, not appended
 
@@ -347,10 +352,8 @@ def test_new_16_bit_tiff_camera_is_flagged_by_integrity(profile_bundle: Path, st
 def test_tensor_inputs_are_not_unreadable(profile_bundle: Path, stream, shared_detector) -> None:
     """v2 tensor inputs are never stored as files: the job must not count them as unreadable images."""
     settings = Settings.from_env()
-    tensors = [Item(it.pixels, it.pixels.tobytes(), "", np.array(list(it.probabilities.values())),
+    tensors = [Item(it.pixels, it.pixels.tobytes(), None, np.array(list(it.probabilities.values())),
                     tuple(it.probabilities)) for it in stream["baseline"][:5]]  # fmt: skip
-    for it in tensors:
-        it.fmt = None  # the server logs input_format NULL for tensors and stores no file
     write_log(settings, stream["baseline"][5:WINDOW], t0=1_800_000_000.0)
     write_log(settings, tensors, t0=1_800_000_100.0, store_images=False)
     shared_detector.set_thresholds(WINDOW - 5, shared_detector.calibrate(WINDOW))

@@ -836,3 +836,28 @@ def test_scripted_mini_loop_writes_every_step_to_the_audit_log_in_order(
     assert by_name["promote"].evidence["approval"]["approved_by"] == AUTO_APPROVER
     assert by_name["rollback"].actor == "watch (automatic)"
     assert json.loads(audit.path.read_text().splitlines()[-1])["event"] == "watch"
+
+
+def test_cli_promote_is_gated_and_rollback_is_audited(bundle_dir: Path, tmp_path: Path) -> None:
+    """The command line goes through the same safety checks as the pipeline: no gate, no promotion."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLOPS_STATE_DIR": str(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "reference_impl", *args], env=env, capture_output=True,
+                              text=True, timeout=180)  # fmt: skip
+
+    assert cli("register", str(bundle_dir), "--alias", "champion").returncode == 0
+    assert cli("register", str(bundle_dir)).returncode == 0
+    refused = cli("promote", "2")
+    assert refused.returncode == 2 and "gate" in refused.stderr and "Traceback" not in refused.stderr
+    assert cli("promote", "2", "--skip-gate", "--by", "release manager").returncode == 0
+    assert cli("rollback").returncode == 2, "a rollback needs a reason"
+    rolled = cli("rollback", "--reason", "inspectors report missed cracks", "--by", "Ana")
+    assert rolled.returncode == 0 and "to 1" in rolled.stdout
+    events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["actor"]) for e in events][-2:] == [("promote", "release manager"), ("rollback", "Ana")]
+    assert events[-2]["evidence"]["gate_required"] is False
