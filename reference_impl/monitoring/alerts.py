@@ -181,17 +181,10 @@ def _numeric_policy_keys() -> list[str]:
 
 
 def _show(value: Any) -> str:
-    if value is None:
-        return "nothing (an empty value)"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, Mapping):
-        return "a group of keys"
-    if isinstance(value, list):
-        return f"a list of {len(value)} entries"
-    return str(value)
+    """A value as the author wrote it in YAML: the same wording as the overlay's errors."""
+    from ..policy import show
+
+    return show(value)
 
 
 def _unknown_keys(item: Mapping[str, Any], allowed: Sequence[str], where: str, problems: list[str]) -> None:

@@ -154,22 +154,12 @@ class MonitoringStore:
 
 
 def _read_rows(db: Path, after_id: int) -> list[dict[str, Any]]:
+    """Champion and canary rows after ``after_id`` (shadow rows describe the challenger, not what was served)."""
+    from ..serving.predlog import read_predictions
+
     if not db.exists():
         return []
-    conn = sqlite3.connect(db, timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        rows = conn.execute(
-            "SELECT * FROM predictions WHERE id > ? AND role IN ('champion', 'canary') ORDER BY id", (after_id,)
-        ).fetchall()
-    finally:
-        conn.close()
-    out = []
-    for r in rows:
-        d = dict(r)
-        d["probabilities"] = json.loads(d["probabilities"])
-        out.append(d)
-    return out
+    return read_predictions(db, "id > ? AND role IN ('champion', 'canary')", (after_id,))
 
 
 def split_windows(rows: list[dict[str, Any]], size: int | None, minutes: float | None) -> list[list[dict[str, Any]]]:
