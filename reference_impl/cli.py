@@ -118,8 +118,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .loop import DemoConfig, run_demo
 
-    run_demo(_settings(args), DemoConfig(condition=args.condition, severity=args.severity, fast=args.fast))
-    return 0
+    config = DemoConfig(condition=args.condition, severity=args.severity, seed=args.seed, fast=args.fast,
+                        label_noise=args.label_noise)  # fmt: skip
+    try:
+        result = run_demo(_settings(args), config)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the demo server was stopped; the partial report is in the run folder", file=sys.stderr)
+        return 130
+    return 0 if result.report is not None else 1
 
 
 def _predictor_from(args: argparse.Namespace) -> tuple[object, str | None]:
@@ -325,8 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo, "run the production loop end to end on embedded defaults")
     p.add_argument("--condition", choices=CONDITIONS[1:], default="new_camera", help="line condition to switch to")
-    p.add_argument("--severity", type=float, default=0.6, help="severity of the condition in [0, 1]")
-    p.add_argument("--fast", action="store_true", help="tiny data and one epoch (smoke test)")
+    p.add_argument("--severity", type=float, default=0.3, help="severity of the condition in (0, 1]")
+    p.add_argument("--seed", type=int, help="random seed of the whole run (default: MLOPS_SEED or 0)")
+    p.add_argument("--label-noise", type=float, default=0.02, help="share of wrong inspector labels (default 0.02)")
+    p.add_argument("--fast", action="store_true", help="small data and windows, same steps (smoke test, ~1 min)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
 
     p = add("generate", cmd_generate, "generate synthetic weld radiographs into a class-per-folder dataset")

@@ -907,9 +907,14 @@ def register_challenger(
     audit: AuditLog | None = None,
     n_reference: int = 800,
     n_null: int = 1600,
+    condition: str = "baseline",
+    severity: float = 0.0,
 ) -> ModelVersionInfo:
     """Package the challenger (with its monitoring profile) and register it under the ``challenger`` alias.
 
+    ``condition`` / ``severity``: the line condition the challenger is meant for, from which its monitoring
+    reference is drawn. A challenger retrained for a new camera must be monitored against new-camera images; with
+    the old baseline reference, the recovered line would look "drifted" forever after the promotion.
     The bundle's training-data manifest is the retraining set's provenance CSV, so the registry version says
     exactly which images, from where and labelled by whom, trained it. The champion alias is not touched.
     """
@@ -933,6 +938,8 @@ def register_challenger(
         data_manifest=manifest,
         n_reference=n_reference,
         n_null=n_null,
+        condition=condition,
+        severity=severity,
     )
     info = registry.register_bundle(bundle_dir, alias=CHALLENGER)
     summary = training_set.summary()
@@ -1462,15 +1469,22 @@ def canary_fraction_check(request_ids: Sequence[str], fraction: float, *, audit:
 
 
 # ------------------------------------------------------------------------------------------------ promote/rollback
-def _reload(server_url: str, admin_key: str | None, http: httpx.Client | None, timeout: float) -> dict[str, Any]:
-    """POST /v1/admin/reload: the server re-reads the aliases, warms the new model, then swaps (no failed requests)."""
+def _admin_post(
+    server_url: str,
+    path: str,
+    admin_key: str | None,
+    http: httpx.Client | None,
+    timeout: float,
+    payload: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """POST to one of the server's admin routes with its API key; a refusal becomes a RolloutError naming why."""
     import httpx
 
     if not admin_key:
-        raise RolloutError("reloading the server needs its admin key: pass admin_key=... or set MLOPS_ADMIN_KEY")
+        raise RolloutError(f"{path} needs the server's admin key: pass admin_key=... or set MLOPS_ADMIN_KEY")
     client = http or httpx.Client(timeout=timeout)
     try:
-        response = client.post(f"{server_url.rstrip('/')}/v1/admin/reload", headers={"X-API-Key": admin_key})
+        response = client.post(f"{server_url.rstrip('/')}{path}", headers={"X-API-Key": admin_key}, json=payload)
     except httpx.HTTPError as exc:
         raise RolloutError(f"could not reach the server at {server_url}: {exc}") from exc
     finally:
@@ -1482,8 +1496,49 @@ def _reload(server_url: str, admin_key: str | None, http: httpx.Client | None, t
         body = {"error": response.text[:200]}
     if response.status_code != 200:
         raise RolloutError(
-            f"the server at {server_url} refused the reload (HTTP {response.status_code}): {body.get('error', body)}"
+            f"the server at {server_url} refused {path} (HTTP {response.status_code}): {body.get('error', body)}"
         )
+    return body
+
+
+def _reload(server_url: str, admin_key: str | None, http: httpx.Client | None, timeout: float) -> dict[str, Any]:
+    """POST /v1/admin/reload: the server re-reads the aliases, warms the new model, then swaps (no failed requests)."""
+    return _admin_post(server_url, "/v1/admin/reload", admin_key, http, timeout)
+
+
+def reload_server(server_url: str, *, admin_key: str | None, timeout: float = 120.0) -> dict[str, Any]:
+    """Make a running server re-read the registry aliases (e.g. to start shadowing a new ``challenger``)."""
+    return _reload(server_url, admin_key, None, timeout)
+
+
+def set_rollout(
+    server_url: str,
+    *,
+    admin_key: str | None,
+    canary_fraction: float | None = None,
+    shadow: bool | None = None,
+    decided_by: str = "retraining pipeline",
+    audit: AuditLog | None = None,
+    http: httpx.Client | None = None,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """Switch the running server's rollout stage: shadow on/off and the canary fraction (``/v1/admin/rollout``).
+
+    Shadow first (the challenger sees traffic, answers nobody), then a small canary (it answers a deterministic
+    share of requests), then promotion. Each switch is an audit event, because "who sent 25% of the line to an
+    unproven model, and when" is exactly what an incident review asks.
+    """
+    payload = {k: v for k, v in (("canary_fraction", canary_fraction), ("shadow", shadow)) if v is not None}
+    if not payload:
+        raise RolloutError("set_rollout needs canary_fraction and/or shadow")
+    body = _admin_post(server_url, "/v1/admin/rollout", admin_key, http, timeout, payload)
+    _audit_for(audit).append(
+        "rollout_changed",
+        actor=decided_by,
+        summary=f"rollout at {server_url}: shadow {body.get('shadow')}, canary fraction "
+        f"{body.get('canary_fraction')} (challenger {body.get('challenger')})",
+        evidence={"request": payload, "server": body},
+    )
     return body
 
 

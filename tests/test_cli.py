@@ -134,15 +134,3 @@ def test_predict_unreadable_image_is_a_clean_error(bundle_dir, tmp_path, capsys)
     assert cli.main(["predict", str(bundle_dir), str(bad), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "scan.png" in err
-
-
-@pytest.mark.slow
-def test_demo_fast_runs_the_loop(tmp_path):
-    state = tmp_path / "state"
-    proc = run_cli("--state-dir", str(state), "demo", "--fast", "--device", "cpu", timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Production loop summary" in proc.stdout
-    bundles = list((state / "bundles").iterdir())
-    assert len(bundles) == 1 and (bundles[0] / "MANIFEST.json").is_file()
-    assert list((state / "runs").glob("*/demo.json"))
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".mlops").exists()

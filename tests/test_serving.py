@@ -1108,3 +1108,39 @@ def test_a_refused_reload_keeps_the_old_model(registry, bundle_dir, isolated_sta
         answer = c.post("/v1/predict", content=weld_pngs[0], headers=PNG)
         assert answer.status_code == 200 and answer.json()["model"]["version"] == "1"
         assert sample(samples(c), "weld_model_reloads_total", outcome="failed") == 1
+
+
+def test_rollout_is_switched_at_run_time(registry_with_challenger, isolated_state, weld_pngs):
+    """Shadow -> canary -> off without a restart: /v1/admin/rollout changes routing for the next requests."""
+    app = registry_app(admin_key=ADMIN_KEY)
+    key = {"x-api-key": ADMIN_KEY}
+    ids = [f"ramp-{i:03d}" for i in range(60)]
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert "X-API-Key" in assert_client_error(c.post("/v1/admin/rollout", json={"canary_fraction": 0.5}), 401)
+        for body in ({}, {"canary_fraction": 1.5}, {"canary_fraction": "half"}, {"shadow": "yes"}, {"canary": 0.1}, []):
+            assert_client_error(c.post("/v1/admin/rollout", json=body, headers=key), 400)
+        assert_client_error(c.post("/v1/admin/rollout", content=b"{not json", headers=key), 400)
+        assert c.get("/v1/model").json()["serving"]["canary_fraction"] == 0.0
+
+        def roles() -> dict[str, str]:
+            return {
+                rid: c.post("/v1/predict", content=weld_pngs[i % 12], headers={**PNG, "x-request-id": rid}).json()[
+                    "model"
+                ]["role"]
+                for i, rid in enumerate(ids)
+            }
+
+        assert set(roles().values()) == {"champion"}
+        answer = c.post("/v1/admin/rollout", json={"canary_fraction": 0.5, "shadow": False}, headers=key)
+        assert answer.status_code == 200 and answer.json() == {
+            "shadow": False,
+            "canary_fraction": 0.5,
+            "challenger": "2",
+        }
+        assert (
+            c.get("/v1/model").json()["serving"] | {"shadow": False, "canary_fraction": 0.5}
+            == c.get("/v1/model").json()["serving"]
+        )
+        assert roles() == {rid: "canary" if in_canary(rid, 0.5) else "champion" for rid in ids}
+        assert c.post("/v1/admin/rollout", json={"canary_fraction": 0}, headers=key).status_code == 200
+        assert set(roles().values()) == {"champion"}

@@ -132,3 +132,13 @@ def test_real_server_with_tritonclient_and_a_durable_prediction_log(
             assert stored == [] and row["input_format"] is None
     assert len(list((state / "images").rglob("*.png"))) == len({hashlib.sha256(p).hexdigest() for p in weld_pngs})
     assert not list(Path(state / "images").rglob("*.tmp"))
+
+
+def test_a_server_cannot_be_started_twice_and_stops_on_exit(bundle_dir, tmp_path):
+    """A second start() would launch a second server and lose track of the first, which would then outlive us."""
+    with ServerProcess(["--bundle", str(bundle_dir), "--device", "cpu"], state_dir=tmp_path / "state") as server:
+        first = server.proc
+        with pytest.raises(RuntimeError, match="already running"):
+            server.start()
+        assert server.proc is first
+    assert first.poll() is not None, "the server must be stopped when the with-block ends"

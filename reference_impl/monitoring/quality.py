@@ -14,7 +14,7 @@ the drift tests fire on that window, and inspectors' labels from the review queu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,3 +54,20 @@ def measured_quality(predicted: Sequence[str], true: Sequence[str], classes: Seq
         return {"n_labelled": 0, "accuracy": None, "recall": {}}
     recall = {c: float((pred[truth == c] == c).mean()) for c in classes if (truth == c).any()}
     return {"n_labelled": len(truth), "accuracy": float((pred == truth).mean()), "recall": recall}
+
+
+def labelled_quality(
+    rows: Sequence[Mapping[str, Any]], labels: Mapping[str, tuple[str, str]], classes: Sequence[str], min_audit: int = 5
+) -> dict[str, Any]:
+    """Measured quality of one window: its served predictions (``rows``, with ``input_sha256`` and ``label``)
+    against inspector labels (``labels``: image sha256 -> (true label, why the item was reviewed)).
+
+    Items queued for low confidence are, by construction, the ones the model gets wrong most: accuracy measured on
+    them is biased low. The random audit sample is unbiased, so it is preferred when there is enough of it.
+    """
+    labelled = [(r["label"], *labels[r["input_sha256"]]) for r in rows if r["input_sha256"] in labels]
+    audit = [t for t in labelled if t[2] == "random_audit"]
+    truth, sample = (audit, "random_audit") if len(audit) >= min_audit else (labelled, "all_labelled")
+    quality = measured_quality([t[0] for t in truth], [t[1] for t in truth], classes)
+    quality["sample"] = sample if truth else None
+    return quality

@@ -4,6 +4,7 @@ Routes:
 
 - ``POST /v1/predict`` (one image: multipart upload or raw body) and ``POST /v1/predict/batch`` (several files);
 - ``GET /v1/model``: what is loaded; ``POST /v1/admin/reload``: hot reload from the registry (API key);
+- ``POST /v1/admin/rollout``: how the challenger takes part, changed at run time (shadow on/off, canary fraction);
 - ``GET /metrics``: Prometheus; ``/v2/...``: the Open Inference Protocol (see ``v2.py``);
 - liveness (process is up) is separate from readiness (model loaded *and* warmed up), as Kubernetes probes expect.
 
@@ -207,8 +208,8 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
                 "max_batch_size": config.max_batch_size,
                 "max_wait_ms": config.max_wait_ms,
                 "queue_size": config.queue_size,
-                "shadow": config.shadow,
-                "canary_fraction": config.canary_fraction,
+                "shadow": service.config.shadow,
+                "canary_fraction": service.config.canary_fraction,
             },
         }
 
@@ -238,6 +239,36 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
             # operator why, instead of an anonymous 500. The old models keep serving (see service.reload).
             current = service.champion.version if service.champion else None
             raise ClientError(409, f"reload refused, still serving version {current}: {exc}") from exc
+
+    @app.post("/v1/admin/rollout", dependencies=[Depends(require_admin)])
+    async def rollout(request: Request) -> dict[str, Any]:
+        """Body ``{"canary_fraction": 0.25, "shadow": true}`` (either key). Chapter: "Retraining" (safe rollout).
+
+        Shadow and canary are steps of one rollout, taken minutes apart while the same models stay loaded, so they
+        are switched at run time instead of by restarting the server (a restart would drop in-flight requests).
+        """
+        import json
+
+        try:
+            body = json.loads(await read_body(request, 4096) or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ClientError(400, 'the body must be JSON such as {"canary_fraction": 0.25, "shadow": true}') from None
+        if not isinstance(body, dict) or not body or set(body) - {"canary_fraction", "shadow"}:
+            raise ClientError(400, f"expected an object with 'canary_fraction' and/or 'shadow'; got {body!r:.200}")
+        changes: dict[str, Any] = {}
+        if "shadow" in body:
+            if not isinstance(body["shadow"], bool):
+                raise ClientError(400, f"'shadow' must be true or false; got {body['shadow']!r:.50}")
+            changes["shadow"] = body["shadow"]
+        if "canary_fraction" in body:
+            fraction = body["canary_fraction"]
+            if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
+                raise ClientError(400, f"'canary_fraction' must be a number from 0 to 1; got {fraction!r:.50}")
+            changes["canary_fraction"] = float(fraction)
+        service.config = service.config.with_(**changes)  # one attribute swap: each request sees old or new
+        log.info("rollout changed: %s", changes)
+        return {"shadow": service.config.shadow, "canary_fraction": service.config.canary_fraction,
+                "challenger": service.challenger.version if service.challenger else None}  # fmt: skip
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -50,6 +50,9 @@ class ServerProcess:
         self.returncode: int | None = None
 
     def start(self) -> ServerProcess:
+        if self.proc is not None and self.proc.poll() is None:
+            # A second start would launch a second server and lose track of the first (it would outlive us).
+            raise RuntimeError(f"this server is already running (pid {self.proc.pid}); stop() it first")
         cmd = [sys.executable, "-m", "reference_impl", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                *self.args]  # fmt: skip
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
