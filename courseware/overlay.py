@@ -194,7 +194,8 @@ def describe(overlay: Overlay) -> str:
     lines.append(
         f"  policy:       drift PSI warn/alert {p.drift.psi_warn:g}/{p.drift.psi_alert:g}, "
         f"window {p.drift.window_size}; retrain every {p.retraining.cadence_days} d "
-        f"(>= {p.retraining.min_new_labels} new labels); "
+        f"(>= {p.retraining.min_new_labels} new labels; drift {p.retraining.drift_windows} windows in a row; "
+        f"accuracy < {p.retraining.min_accuracy:g}); "
         f"gate: accuracy gain >= {p.promotion_gate.min_accuracy_gain:g}, "
         f"class recall drop <= {p.promotion_gate.max_class_recall_drop:g}"
     )

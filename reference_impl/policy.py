@@ -82,6 +82,8 @@ class RetrainingPolicy:
     min_new_labels: int = 100
     approval_required: bool = True
     approvers: tuple[str, ...] = ("quality-lead",)
+    drift_windows: int = 2  # consecutive drifted windows before drift alone triggers retraining (debounces alarms)
+    min_accuracy: float = 0.90  # below this (measured, else estimated) retraining is due and a new champion rolls back
 
 
 @dataclass(frozen=True)
@@ -388,7 +390,16 @@ def _retraining(c: Checker, r: Mapping[str, Any], key: str) -> RetrainingPolicy:
     min_labels = c.whole(r, key, "min_new_labels", "a whole number of images, 0 or more", 0)
     approval = c.boolean(r, key, "approval_required")
     approvers = _approvers(c, r, key, approval)
-    return RetrainingPolicy(cadence, min_labels, approval, approvers)  # type: ignore[arg-type]
+    # Optional (added after the first overlays were written): a file without them keeps the defaults.
+    windows = (
+        c.whole(r, key, "drift_windows", "a whole number of windows, at least 1", 1) if "drift_windows" in r else 2
+    )
+    min_acc = (
+        c.number(r, key, "min_accuracy", "a number above 0 and at most 1 (0.9 = 90 %)", lambda v: 0 < v <= 1)
+        if "min_accuracy" in r
+        else 0.90
+    )
+    return RetrainingPolicy(cadence, min_labels, approval, approvers, windows, min_acc)  # type: ignore[arg-type]
 
 
 def _promotion_gate(c: Checker, g: Mapping[str, Any], key: str) -> PromotionGate:
@@ -417,7 +428,7 @@ _SECTIONS = {
 _SECTION_KEYS = {
     "drift": ("psi_warn", "psi_alert", "false_alarm_rate", "window_size"),
     "alerts": ("routes", "cooldown_minutes"),
-    "retraining": ("cadence_days", "min_new_labels", "approval_required", "approvers"),
+    "retraining": ("cadence_days", "min_new_labels", "approval_required", "approvers", "drift_windows", "min_accuracy"),
     "promotion_gate": ("min_accuracy_gain", "max_class_recall_drop"),
     "serving": ("p99_latency_ms_slo", "error_rate_slo"),
 }

@@ -119,6 +119,30 @@ def test_no_trigger_without_enough_new_labels():
     assert decide(NOW, NOW - DAY, windows, 200, policy=stricter).retrain  # exactly the minimum is enough
 
 
+def test_drift_run_length_and_accuracy_floor_come_from_the_policy(tmp_path):
+    from reference_impl.policy import OverlayError, load_policy
+
+    windows = [W(14, True, ("sharpness",)), W(15, True, ("sharpness",))]
+    assert decide(NOW, NOW - DAY, windows, 120, policy=POLICY).retrain  # default: 2 drifted windows in a row
+    patient = Policy().override({"retraining.drift_windows": 3})
+    assert not decide(NOW, NOW - DAY, windows, 120, policy=patient).retrain
+    assert decide(NOW, NOW - DAY, [W(13, True, ("sharpness",)), *windows], 120, policy=patient).retrain
+    measured = [{"window_id": 20, "accuracy": 0.93, "n_labelled": 50}]
+    assert not decide(NOW, NOW - DAY, measured, 120, policy=POLICY).retrain  # 0.93 >= 0.90
+    demanding = Policy().override({"retraining.min_accuracy": 0.95})
+    assert decide(NOW, NOW - DAY, measured, 120, policy=demanding).trigger == "performance"
+    # an overlay written before these keys existed keeps the defaults; a wrong value names the key
+    overlay = Path("chapters/organization.yaml").read_text()
+    old = tmp_path / "old.yaml"
+    old.write_text("\n".join(line for line in overlay.splitlines() if not line.strip().startswith(("drift_windows:",
+                   "min_accuracy:"))))  # fmt: skip
+    assert (load_policy(old).retraining.drift_windows, load_policy(old).retraining.min_accuracy) == (2, 0.90)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(overlay.replace("min_accuracy: 0.90", "min_accuracy: 90"))
+    with pytest.raises(OverlayError, match=r"policy\.retraining\.min_accuracy"):
+        load_policy(bad)
+
+
 def test_scheduled_trigger_follows_the_cadence_and_also_needs_labels():
     quiet = [W(15, accuracy=0.97, n_labelled=40)]
     d = decide(NOW, NOW - 31 * DAY, quiet, 150, policy=POLICY)
