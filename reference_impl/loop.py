@@ -742,8 +742,13 @@ def write_report(result: DemoResult, audit: AuditLog) -> Path:
     ax1.set_ylim(0, 1.05)
     ax1.set_ylabel("accuracy")
     ax1.legend(loc="lower left", fontsize=8)
-    ax2.bar(x, [w.psi_max or 0 for w in rows], color=["tab:red" if w.drift else "tab:gray" for w in rows])
-    ax2.set_ylabel("max PSI (red: drift detected)")
+    # Log scale: a healthy window's PSI is ~0.05, a new camera's ~8; both must be readable on one axis.
+    ax2.bar(x, [max(w.psi_max or 0, 1e-3) for w in rows], color=["tab:red" if w.drift else "tab:gray" for w in rows])
+    ax2.axhline(0.25, color="tab:red", lw=0.8, ls=":")
+    ax2.text(0.5, 0.27, "PSI 0.25 (conventional alert band)", fontsize=7, color="tab:red", va="bottom")
+    ax2.set_yscale("log")
+    ax2.set_ylim(1e-2, 50)
+    ax2.set_ylabel("max PSI vs the champion's\nreference (red: drift)")
     ax2.set_xlabel("monitoring window")
     for w in rows:
         if w.phase != "baseline" and (w.window == 1 or rows[w.window - 2].phase != w.phase):
