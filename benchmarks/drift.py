@@ -267,8 +267,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         thresholds = detector.calibrate(w)
         report = detector.calibration[w]
         out["calibration"][str(w)] = {**report, "seconds": time.perf_counter() - t}
-        print(f"calibrated window {w:>3}: PSI threshold {thresholds['psi']:.3f}, p-value threshold "
-              f"{thresholds['ks']:.4f}; false alarms on held-out null windows "
+        print(f"calibrated window {w:>3}: PSI > {thresholds['psi']:.3f}, KS distance > {thresholds['ks']:.3f} "
+              f"(nominal p {report['nominal_ks_p_at_threshold']['ks']:.4f}), MMD² > {thresholds['mmd']:.4f}, "
+              f"BBSD distance > {thresholds['bbsd']:.3f}; false alarms on held-out null windows "
               f"{report['measured_false_alarm_rate']:.1%} ({time.perf_counter() - t:.1f} s)")  # fmt: skip
 
     # Model outputs for every pool, once.

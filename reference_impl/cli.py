@@ -157,8 +157,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # "killed".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # One worker process: the model and the micro-batcher live in it. Scale out with more replicas, not workers.
+    # No access log: every request is already in the prediction log and the Prometheus counters, and formatting a
+    # log line per request costs a measurable share of a small model's latency.
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
-                timeout_graceful_shutdown=15)  # fmt: skip
+                access_log=args.verbose, timeout_graceful_shutdown=15)  # fmt: skip
     return 0
 
 
@@ -303,7 +305,8 @@ def cmd_alerts(args: argparse.Namespace) -> int:
         for rule in manager.rules:
             source = "" if rule.threshold_source == "rule" else f"  ({rule.threshold_source})"
             threshold = manager.thresholds[rule.name]
-            print(f"{rule.name:24} {rule.severity:8} {rule.metric} {rule.op} {threshold}{source}")
+            also = f"  and {rule.op} {rule.window_threshold} (from the window)" if rule.window_threshold else ""
+            print(f"{rule.name:24} {rule.severity:8} {rule.metric} {rule.op} {threshold}{source}{also}")
         print(f"cool-down: {manager.cooldown_s / 60:g} min; sinks: {', '.join(s.name for s in manager.sinks)}")
         return 0
     _, results = manager.send_test()

@@ -85,6 +85,8 @@ def test_default_rules_cover_the_issue_and_take_thresholds_from_the_policy() -> 
     assert rules["integrity_failures"].severity == "critical"
     assert rules["integrity_failures"].group != rules["drift_detected"].group  # integrity is not statistical drift
     assert rules["psi_major_shift"].threshold == "policy.drift.psi_alert"
+    assert rules["psi_major_shift"].window_threshold == "drift.psi_threshold"  # also the calibrated PSI threshold
+    assert rules["psi_major_shift"].group == rules["drift_detected"].group  # an escalation of the same problem
     manager = AlertManager(Settings.from_env())
     assert manager.thresholds["psi_major_shift"] == DEFAULT_POLICY.drift.psi_alert
     assert manager.thresholds["p99_latency_slo"] == DEFAULT_POLICY.serving.p99_latency_ms_slo
@@ -113,12 +115,51 @@ def test_threshold_follows_the_overlay(tmp_path: Path, monkeypatch: pytest.Monke
     manager = AlertManager(Settings.from_env(), clock=FakeClock())
     assert manager.thresholds["psi_major_shift"] == 0.4
     assert manager.thresholds["p99_latency_slo"] == 350
-    assert manager.check("w1", {"drift": {"psi_max": 0.3}}) == []  # would fire with the default 0.25
-    [alert] = manager.check("w2", {"drift": {"psi_max": 0.45}})
+    calibrated = 0.12  # a large window: the calibrated PSI threshold is below the policy band
+    assert manager.check("w1", {"drift": {"psi_max": 0.3, "psi_threshold": calibrated}}) == []  # fires at 0.25
+    [alert] = manager.check("w2", {"drift": {"psi_max": 0.45, "psi_threshold": calibrated}})
     assert alert.rule == "psi_major_shift"
     assert alert.evidence["threshold"] == 0.4
     assert alert.evidence["threshold_source"] == "policy.drift.psi_alert"
-    assert "0.4" in alert.summary
+    assert alert.evidence["window_threshold"] == calibrated
+    assert alert.evidence["window_threshold_metric"] == "drift.psi_threshold"
+    assert "0.4" in alert.summary and "0.120" in alert.summary
+
+
+def test_psi_major_shift_needs_the_calibrated_threshold_of_the_window_size() -> None:
+    manager = AlertManager(Settings.from_env(), clock=FakeClock(), sinks=[])
+
+    def psi_alerts(psi_max: float, psi_threshold: float | None) -> list[str]:
+        metrics = {"drift": {"psi_max": psi_max, "psi_threshold": psi_threshold}}
+        return [a.rule for a in manager.check("w", metrics) if a.rule == "psi_major_shift"]
+
+    # A normal window of 50 images: max PSI 0.35 is above the 0.25 band but well inside what noise gives at this
+    # size (calibrated threshold ~1.2); it used to page as a critical "major shift".
+    assert psi_alerts(0.35, 1.2) == []
+    assert psi_alerts(1.5, 1.2) == ["psi_major_shift"]  # beyond both
+    # A window of 500: the calibrated threshold is below the band, so the band decides.
+    assert psi_alerts(0.2, 0.14) == []
+    assert psi_alerts(0.3, 0.14) == ["psi_major_shift"]
+    # No calibrated threshold (drift skipped on a window too small to test): no verdict, no page.
+    assert psi_alerts(3.0, None) == []
+    assert psi_alerts(3.0, float("nan")) == []
+    with pytest.raises(AlertMetricError, match=r"'drift\.psi_threshold'.*uses it as a threshold"):
+        manager.check("w", {"drift": {"psi_max": 3.0, "psi_threshold": "high"}})
+
+
+def test_window_threshold_is_validated() -> None:
+    ok = parse_rules({"rules": [{**rule(op=">=", threshold=1), "window_threshold": "m.limit"}]})
+    assert ok.rules[0].window_threshold == "m.limit"
+    manager = AlertManager(Settings.from_env(), ok, sinks=[])
+    assert manager.check("w", {"m": {"x": 2.0, "limit": 3.0}}) == []
+    assert [a.rule for a in manager.check("w", {"m": {"x": 2.0, "limit": 1.5}})] == ["r"]
+    with pytest.raises(AlertRuleError, match=r"window_threshold must be a dotted metric key"):
+        parse_rules({"rules": [{**rule(), "window_threshold": "not a metric"}]})
+    with pytest.raises(AlertRuleError, match=r"window_threshold must be used with op >, >=, < or <="):
+        parse_rules({"rules": [{**rule(op="==", threshold=True), "window_threshold": "m.limit"}]})
+    # {window_threshold} in a summary only makes sense for a rule that has one.
+    with pytest.raises(AlertRuleError, match=r"found \{window_threshold\}"):
+        parse_rules({"rules": [{**rule(), "summary": "x {window_threshold}"}]})
 
 
 @pytest.mark.parametrize(
@@ -188,14 +229,14 @@ def test_cooldown_suppresses_repeats_and_escalation_fires_at_once() -> None:
     clock = FakeClock()
     settings = Settings.from_env()
     manager = AlertManager(settings, clock=clock)
-    drifting = {"drift": {"detected": True, "psi_max": 0.12}}
+    drifting = {"drift": {"detected": True, "psi_max": 0.12, "psi_threshold": 0.1}}
 
     assert [a.rule for a in manager.evaluate("w1", drifting)] == ["drift_detected"]
     clock.t += 60
     assert manager.evaluate("w2", drifting) == []  # same problem, within the cool-down
     assert manager.suppressed["drift_detected"] == 1
     clock.t += 60
-    worse = {"drift": {"detected": True, "psi_max": 0.5}}
+    worse = {"drift": {"detected": True, "psi_max": 0.5, "psi_threshold": 0.1}}
     # Escalation: the critical PSI rule shares the "drift" group, is more severe, so it goes out at once; the
     # warning of the same window is held back by the critical it just sent.
     [alert] = manager.evaluate("w3", worse)

@@ -22,16 +22,20 @@ from reference_impl.monitoring.drift import (
     benjamini_hochberg,
     bin_fractions,
     frozen_bin_edges,
+    joint_thresholds,
+    ks_distance_counts,
     ks_pvalues,
+    ks_test,
     median_bandwidth,
     mmd2,
     mmd_permutation_pvalue,
     psi,
     psi_band,
+    replay_budget,
 )
 
 # A smaller reference / null pool than the packaging default keeps the profile build to a few seconds; the
-# calibration draws windows of 100 from half the null pool (400) without replacement.
+# calibration replays windows drawn with replacement from half the null pool (400).
 PROFILE_N_REFERENCE = 400
 PROFILE_N_NULL = 800
 
@@ -133,6 +137,24 @@ def test_ks_pvalues_equal_scipy_per_column() -> None:
     assert ks_pvalues(ref, cur)[2] < 1e-6  # the shifted column
 
 
+def test_ks_distance_from_counts_equals_scipy_with_ties_and_repeats() -> None:
+    """The replay's vectorised KS distance is scipy's, for windows that repeat pool items (drawn with replacement)."""
+    from scipy.stats import ks_2samp
+
+    rng = np.random.default_rng(12)
+    for reference, pool in [
+        (rng.normal(size=300), rng.normal(size=60) + 0.2),  # continuous
+        (rng.integers(0, 5, 300).astype(float), rng.integers(0, 7, 60).astype(float)),  # ties everywhere
+    ]:
+        draws = rng.integers(0, len(pool), (8, 40))
+        counts = np.stack([np.bincount(d, minlength=len(pool)) for d in draws]).astype(float)
+        expected = [ks_2samp(reference, pool[d]).statistic for d in draws]
+        np.testing.assert_allclose(ks_distance_counts(reference, pool, counts), expected, atol=1e-12)
+    distance, p_value = ks_test(reference[:, None], pool[draws[0]][:, None])
+    assert distance.shape == p_value.shape == (1,)
+    assert p_value[0] == pytest.approx(ks_2samp(reference, pool[draws[0]]).pvalue)
+
+
 def test_benjamini_hochberg_equals_statsmodels_including_ties() -> None:
     from statsmodels.stats.multitest import multipletests
 
@@ -168,6 +190,25 @@ def test_mmd2_matches_the_unbiased_formula_and_is_symmetric() -> None:
     x, y = rng.normal(size=(9, 3)), rng.normal(size=(7, 3)) + 0.5
     assert mmd2(x, y, 1.3) == pytest.approx(_mmd2_by_hand(x, y, 1.3), rel=1e-9)
     assert mmd2(x, y, 1.3) == pytest.approx(mmd2(y, x, 1.3), rel=1e-12)
+
+
+def test_mmd2_leaves_out_pairs_of_copies() -> None:
+    rng = np.random.default_rng(13)
+    x, pool = rng.normal(size=(9, 3)), rng.normal(size=(6, 3))
+    ids = np.array([0, 1, 1, 2, 5, 5, 5])
+    y = pool[ids]
+    # By hand: the y-y average runs over pairs of *different* pool items only.
+    pairs = [(i, j) for i in range(len(ids)) for j in range(len(ids)) if ids[i] != ids[j]]
+
+    def k(a: np.ndarray, b: np.ndarray) -> float:
+        return math.exp(-float(np.sum((a - b) ** 2)) / (2 * 1.3**2))
+
+    kxx = sum(k(x[i], x[j]) for i in range(9) for j in range(9) if i != j) / 72
+    kyy = sum(k(y[i], y[j]) for i, j in pairs) / len(pairs)
+    kxy = sum(k(a, b) for a in x for b in y) / (9 * len(y))
+    assert mmd2(x, y, 1.3, y_ids=ids) == pytest.approx(kxx + kyy - 2 * kxy, rel=1e-9)
+    # Without repeats, ids change nothing.
+    assert mmd2(x, pool, 1.3, y_ids=np.arange(6)) == pytest.approx(mmd2(x, pool, 1.3), rel=1e-12)
 
 
 def test_mmd2_near_zero_for_the_same_distribution_and_larger_when_shifted() -> None:
@@ -261,10 +302,87 @@ def test_thresholds_are_cached_per_window_size(synthetic_detector: DriftDetector
     result = synthetic_detector.check(synthetic(np.random.default_rng(10), 150))
     assert set(synthetic_detector.thresholds) >= {50, 150}
     assert result.thresholds == synthetic_detector.thresholds[150]
-    # PSI is noisier on small windows, so its replayed threshold must be higher there than on large ones.
-    assert synthetic_detector.thresholds[50]["psi"] > synthetic_detector.thresholds[150]["psi"]
-    # Exact p-value tests share the budget equally (Bonferroni over the four families).
-    assert thresholds["ks"] == thresholds["mmd"] == thresholds["bbsd"] == pytest.approx(0.05 / 4)
+    # Every statistic is noisier on small windows, so its replayed threshold must be higher there.
+    for family in ("psi", "ks", "bbsd", "mmd"):
+        assert synthetic_detector.thresholds[50][family] > synthetic_detector.thresholds[150][family], family
+
+
+def test_joint_calibration_keeps_any_family_within_the_budget_on_the_replayed_windows(
+    synthetic_detector: DriftDetector,
+) -> None:
+    report = synthetic_detector.calibration[50]
+    n = report["replayed_windows"]
+    assert n >= 1000
+    budget = replay_budget(n, 0.05)
+    assert report["replayed_false_alarm_rate"] <= budget / n <= 0.05
+    # One common tail level: no family fires on more replayed windows than it allows, and the families together
+    # use most of the budget (the level is the largest that fits, so the next one up would overshoot it).
+    for family, rate in report["replayed_by_family"].items():
+        assert rate <= report["tail_level"] + 1e-12, family
+    assert report["replayed_false_alarm_rate"] >= 0.5 * budget / n
+    assert report["with_replacement"] and report["method"] == "joint replay"
+
+
+def test_replay_budget_is_an_upper_confidence_bound() -> None:
+    from scipy.stats import beta
+
+    assert replay_budget(1000, 0.05) == 38  # 3.8% of the windows, not 5%: the rate is held below alpha, not at it
+    for n, alpha in [(1000, 0.05), (400, 0.1), (5000, 0.01)]:
+        b = replay_budget(n, alpha)
+        assert beta.ppf(0.95, b + 1, n - b) <= alpha < beta.ppf(0.95, b + 2, n - b - 1)
+    assert replay_budget(20, 0.05) == 0  # too few windows to certify any alarm at all
+
+
+def test_joint_thresholds_measure_the_overlap_between_families() -> None:
+    rng = np.random.default_rng(14)
+    a = rng.normal(size=1000)
+    # Identical families always fire together: each may use the whole budget.
+    thresholds, k = joint_thresholds({"psi": a, "ks": 2 * a}, budget=40)
+    assert k == 40
+    assert np.sum((a > thresholds["psi"]) | (2 * a > thresholds["ks"])) == 40
+    # Independent families barely overlap: they share the budget, about a quarter each for four.
+    independent = {f: rng.normal(size=1000) for f in ("psi", "ks", "mmd", "bbsd")}
+    thresholds, k = joint_thresholds(independent, budget=40)
+    fired = np.any([independent[f] > thresholds[f] for f in independent], axis=0)
+    assert fired.sum() <= 40
+    assert 8 <= k <= 12
+    for f, v in independent.items():
+        assert np.sum(v > thresholds[f]) == k  # ties aside, each family fires on exactly k windows
+
+
+def test_replay_computes_the_same_statistics_as_the_check(synthetic_detector: DriftDetector) -> None:
+    """Calibration replays a vectorised copy of the check: the same numbers, or the thresholds mean nothing."""
+    det = synthetic_detector
+    rng = np.random.default_rng(15)
+    pool = rng.permutation(len(det.null_pool))[:500]
+    draws = rng.integers(0, len(pool), (3, 80))
+    replayed = det._replay(pool, draws)
+    for w, d in enumerate(draws):
+        window = det.null_pool.take(pool[d])
+        result = det.check(window)
+        assert replayed["psi"][w] == pytest.approx(result.statistics["psi"], rel=1e-9)
+        assert replayed["ks"][w] == pytest.approx(result.statistics["ks"], abs=1e-12)
+        assert replayed["bbsd"][w] == pytest.approx(result.statistics["bbsd"], abs=1e-12)
+        # The check's MMD² on a window with repeated images counts the copies; the replay leaves them out.
+        assert replayed["mmd"][w] == pytest.approx(
+            mmd2(det.mmd_ref, window.embeddings, det.bandwidth, y_ids=d), abs=1e-9
+        )
+        assert max(result.ks_distance.values()) == result.statistics["ks"]
+        assert 0 < result.mmd_p_value <= 1  # the permutation p-value is still reported
+
+
+def test_false_alarm_rate_on_fresh_windows_holds_at_a_large_window() -> None:
+    """The frozen-reference problem: with nominal p-values, large windows alarm too often on normal data.
+
+    Window 400 against a reference of 600: the replay is conditional on this one reference, so windows of fresh
+    no-drift data (never in the null pool) must stay within the budget; a rate measured on 150 windows at a true
+    5% would exceed 0.1 less than 1% of the time.
+    """
+    rng = np.random.default_rng(16)
+    detector = DriftDetector(synthetic(rng, 600), synthetic(rng, 1200), FEATURES, CLASSES, alpha=0.05)
+    results = [detector.check(synthetic(rng, 400)) for _ in range(150)]
+    assert sum(r.drifted for r in results) / len(results) <= 0.1
+    assert detector.calibration[400]["measured_false_alarm_rate"] <= 0.1
 
 
 def test_moved_features_order_is_reproducible_for_saturated_psi() -> None:
@@ -276,10 +394,10 @@ def test_moved_features_order_is_reproducible_for_saturated_psi() -> None:
         drifted=True,
         families={"psi": True, "ks": True, "mmd": True, "bbsd": True},
         statistics={},
-        thresholds={"ks": 0.0125},
+        thresholds={"ks": 0.2},
         psi={"noise": psi_max, "sharpness": psi_max, "brightness": 0.5, "contrast": 0.01},
         psi_bands={"noise": "major", "sharpness": "major", "brightness": "major", "contrast": "stable"},
-        ks_p_adjusted={"noise": 0.0, "sharpness": 0.0, "brightness": 0.001, "contrast": 0.9},
+        ks_distance={"noise": 1.0, "sharpness": 1.0, "brightness": 0.3, "contrast": 0.05},
         feature_shift={"noise": 2.5, "sharpness": 9.0, "brightness": 0.1, "contrast": 0.0},
     )
     assert result.moved_features() == ["sharpness", "noise", "brightness"]

@@ -368,6 +368,73 @@ def test_tensor_inputs_are_not_unreadable(profile_bundle: Path, stream, shared_d
     assert w.drift["n"] == WINDOW - 5
 
 
+def _log_rejections(settings: Settings, rejections: list[tuple[float, int, str]]) -> None:
+    """Refused requests as the server's ClientError handler records them: (ts, status, reason)."""
+    from reference_impl.serving.predlog import PredictionLog
+
+    log = PredictionLog(settings.state_dir / "predictions.db")
+    try:
+        for ts, status, reason in rejections:
+            log.log_rejection("/v1/predict", status, reason, "image/png", "5", ts=ts)
+    finally:
+        log.close()
+
+
+def test_rejected_uploads_are_integrity_failures_of_the_next_window(profile_bundle: Path, stream) -> None:
+    settings = Settings.from_env()
+    t0 = 1_800_000_000.0  # rows every second: window 1 spans t0 .. t0+99, window 2 t0+100 .. t0+199
+    write_log(settings, stream["baseline"][:WINDOW], t0=t0)
+    # A wrong API key during window 1: refused, but it says nothing about the images.
+    _log_rejections(settings, [(t0 + 10.5, 401, "missing or wrong X-API-Key header")])
+    monitor = _monitor(profile_bundle)
+    try:
+        (first,) = monitor.run(window_size=WINDOW)
+    finally:
+        monitor.close()
+    assert first.integrity["rejected"] == 0 and first.integrity["failures"] == 0
+    assert first.integrity["rejections_by_status"] == {"401": 1}
+    assert first.ops["requests"] == WINDOW + 1 and first.ops["error_rate"] == 0.0
+
+    # After that run, the station starts sending broken files (refused: they never become predictions), and the
+    # server is briefly saturated. The refusals before window 2's rows (t0+99.5) must not fall between windows.
+    broken = "body: cannot decode the image (not a PNG, JPEG or TIFF file)"
+    saturated = "the request queue is full; the server is saturated, retry after a short pause"
+    refused = [
+        (t0 + 99.5, 400, broken),
+        (t0 + 120.5, 400, broken),
+        (t0 + 130.5, 415, "unsupported Content-Type 'text/plain'"),
+        (t0 + 140.5, 503, saturated),
+        (t0 + 141.5, 503, saturated),
+        (t0 + 250.0, 400, "after window 2: belongs to window 3"),
+    ]
+    _log_rejections(settings, refused)
+    write_log(settings, stream["baseline"][WINDOW : 2 * WINDOW], t0=t0 + 100)
+    monitor = _monitor(profile_bundle)  # the next cron tick
+    try:
+        (second,) = monitor.run(window_size=WINDOW)
+    finally:
+        monitor.close()
+    assert second.window_id == 2
+    assert second.integrity["rejected"] == 3  # the two undecodable files and the text upload
+    assert second.integrity["unreadable"] == 0  # every stored image decoded: the report says which kind failed
+    assert second.integrity["failures"] == 3
+    assert second.integrity["rejections_by_status"] == {"400": 2, "415": 1, "503": 2}
+    assert second.integrity["rejected_reasons"][0] == (broken, 2)
+    # Error rate: 2 failed (the 503s) out of 100 accepted + 5 refused requests; 4xx are not the service's failures.
+    assert second.ops["requests"] == WINDOW + 5
+    assert second.ops["failed_requests"] == 2
+    assert second.ops["error_rate"] == pytest.approx(2 / (WINDOW + 5))
+    assert second.metrics()["ops"]["error_rate"] == second.ops["error_rate"]
+    assert _db_windows(settings)[1][3] == 3
+    sent = [json.loads(line) for line in (settings.state_dir / "alerts.jsonl").read_text().splitlines()]
+    integrity = [a for a in sent if a["rule"] == "integrity_failures"]
+    assert [a["evidence"]["window_id"] for a in integrity] == [2] and integrity[0]["evidence"]["value"] == 3
+    # 2 / 105 is above the 1 % SLO: the error-rate rule, which never had its metric before, now pages.
+    errors = [a for a in sent if a["rule"] == "error_rate_slo"]
+    assert [a["evidence"]["window_id"] for a in errors] == [2]
+    assert errors[0]["evidence"]["value"] == pytest.approx(2 / (WINDOW + 5))
+
+
 def test_monitor_needs_a_bundle_with_a_profile(bundle_dir: Path) -> None:
     from reference_impl.monitoring.job import Monitor
     from reference_impl.monitoring.profile import ProfileError

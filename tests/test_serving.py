@@ -774,6 +774,56 @@ def test_no_bad_input_caused_a_500(client):
     assert not any(s.startswith("5") for s in statuses), statuses
 
 
+def test_refused_predict_requests_are_recorded_for_the_monitor(bundle_dir, tmp_path, weld_pngs):
+    """Refused uploads never become predictions; the server records them (never their bytes) for the monitor."""
+    import sqlite3
+
+    from reference_impl.serving.predlog import read_rejections
+
+    state = tmp_path / "s"
+    config = ServingConfig(bundle_path=str(bundle_dir), admin_key=ADMIN_KEY, device="cpu")
+    secret = b"hello, world " * 10  # what the client sent: must not be kept anywhere
+    with TestClient(create_app(Settings(state_dir=state), config), raise_server_exceptions=False) as c:
+        not_an_image = assert_client_error(c.post("/v1/predict", content=secret, headers=PNG), 400)
+        assert_client_error(c.post("/v1/predict/batch", content=b"x", headers={"content-type": "text/plain"}), 415)
+        assert_client_error(c.post(INFER, content=b'{"inputs": [', headers={"content-type": "application/json"}), 400)
+        assert_client_error(c.post("/v1/admin/reload"), 401)  # not a prediction request: not recorded
+        assert c.post("/v1/predict", content=weld_pngs[0], headers=PNG).status_code == 200
+    # The app has stopped: the log is flushed.
+    rows = read_rejections(state / "predictions.db", None, time.time())
+    assert [(r["route"], r["status"]) for r in rows] == [("/v1/predict", 400), ("/v1/predict/batch", 415), (INFER, 400)]
+    first = rows[0]
+    assert first["reason"] == not_an_image  # the same words the client got
+    assert first["content_type"] == "image/png" and first["body_bytes"] == len(secret)
+    assert rows[1]["content_type"] == "text/plain"
+    assert all(time.time() - 120 < r["ts"] <= time.time() for r in rows)
+    assert len(read_predictions(state / "predictions.db")) == 1  # only the good image became a prediction
+    conn = sqlite3.connect(state / "predictions.db")
+    try:
+        stored = "".join(repr(row) for row in conn.execute("SELECT * FROM rejections"))
+    finally:
+        conn.close()
+    assert "hello" not in stored
+
+
+def test_recording_a_rejection_never_breaks_the_answer(tmp_path):
+    import sqlite3
+
+    from reference_impl.serving.predlog import PredictionLog, read_rejections
+
+    log = PredictionLog(tmp_path / "predictions.db")
+    log.log_rejection("/v1/predict", 413, "x" * 5000, "image/png; charset=binary", "not a number")
+    log.close()
+    log.log_rejection("/v1/predict", 400, "after shutdown")  # dropped with a warning, no exception
+    (row,) = read_rejections(tmp_path / "predictions.db", None, time.time())
+    assert len(row["reason"]) == 200 and row["content_type"] == "image/png" and row["body_bytes"] is None
+    # A log written by an older server has no rejections table: nothing was refused on record.
+    old = sqlite3.connect(tmp_path / "old.db")
+    old.execute("CREATE TABLE predictions (id INTEGER PRIMARY KEY)")
+    old.close()
+    assert read_rejections(tmp_path / "old.db", None, time.time()) == []
+
+
 def test_limits(limited_client, weld_images, weld_pngs):
     c = limited_client
     assert c.post("/v1/predict", content=weld_pngs[0], headers=PNG).status_code == 200

@@ -4,7 +4,10 @@ Chapter: "Monitoring in production", section *Alerts and human review*. A monito
 dashboard; a monitor that pages for every window is switched off within a week. So an alert here
 
 - comes from a **rule** in a YAML file (``alert_rules.yaml`` ships the defaults), whose thresholds may refer to the
-  organisation's policy (``threshold: policy.drift.psi_alert``) so the SMEs tune them in the overlay, not in code;
+  organisation's policy (``threshold: policy.drift.psi_alert``) so the SMEs tune them in the overlay, not in code,
+  and may also require the value to pass a threshold the window itself carries (``window_threshold:
+  drift.psi_threshold``, the PSI level calibrated for this window size: a policy band alone ignores how noisy a
+  small window is);
 - carries its **evidence** (metric, value, comparison, threshold, window, context) and a **runbook** step, so the
   on-call person knows what fired and what to do next;
 - is **deduplicated** with a cool-down (``policy.alerts.cooldown_minutes``): the same problem pages once per
@@ -59,15 +62,15 @@ OPS: dict[str, Callable[[Any, Any], bool]] = {
     "==": operator.eq,
     "!=": operator.ne,
 }
-RULE_KEYS = ("name", "metric", "op", "threshold", "severity", "summary", "runbook", "group")
-REQUIRED_RULE_KEYS = RULE_KEYS[:-1]
+REQUIRED_RULE_KEYS = ("name", "metric", "op", "threshold", "severity", "summary", "runbook")
+RULE_KEYS = (*REQUIRED_RULE_KEYS, "group", "window_threshold")
 SINK_KINDS = ("log", "jsonl", "webhook")
 SINK_KEYS = {
     "log": ("sink",),
     "jsonl": ("sink", "path"),
     "webhook": ("sink", "url", "timeout_s", "retries", "backoff_s", "headers"),
 }
-SUMMARY_FIELDS = ("value", "threshold", "metric", "window_id")
+SUMMARY_FIELDS = ("value", "threshold", "metric", "window_id", "window_threshold")
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 METRIC_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -102,6 +105,9 @@ class Rule:
 
     ``threshold`` is a number, a boolean (``==``/``!=`` only) or a policy reference such as
     ``"policy.drift.psi_alert"``; :meth:`resolve` turns a reference into the number from the overlay.
+    ``window_threshold``: optionally, a second metric of the same window that the value must *also* pass with the
+    same operator, e.g. the PSI threshold calibrated for the window's size; when the window does not carry it, the
+    rule does not fire (no calibrated threshold, no verdict).
     """
 
     name: str
@@ -112,6 +118,7 @@ class Rule:
     summary: str
     runbook: str
     group: str | None = None
+    window_threshold: str | None = None
 
     @property
     def dedup_key(self) -> str:
@@ -264,6 +271,12 @@ def _parse_rule(i: int, item: Any, policy_keys: list[str], problems: list[str]) 
     group = item.get("group")
     if group is not None and (not isinstance(group, str) or not NAME_RE.match(group)):
         bad("group", "a name of letters, digits, _ and - shared by rules about the same problem")
+    window_threshold = item.get("window_threshold")
+    if window_threshold is not None:
+        if not isinstance(window_threshold, str) or not METRIC_RE.match(window_threshold):
+            bad("window_threshold", "a dotted metric key of the window such as drift.psi_threshold")
+        elif op in ("==", "!="):
+            bad("window_threshold", f'used with op >, >=, < or <= (a second bound makes no sense with "{op}")')
 
     threshold = item["threshold"]
     if isinstance(threshold, bool):
@@ -289,16 +302,18 @@ def _parse_rule(i: int, item: Any, policy_keys: list[str], problems: list[str]) 
         except ValueError as exc:  # an unmatched { or }
             fields = set()
             bad("summary", f"text whose placeholders are well formed ({exc}; write {{{{ for a literal brace)")
-        unknown = sorted(fields - set(SUMMARY_FIELDS))
+        allowed = set(SUMMARY_FIELDS) if window_threshold is not None else set(SUMMARY_FIELDS) - {"window_threshold"}
+        unknown = sorted(fields - allowed)
         if unknown:
             bad(
                 "summary",
-                f"text using only the placeholders {', '.join('{' + f + '}' for f in SUMMARY_FIELDS)} "
+                f"text using only the placeholders {', '.join('{' + f + '}' for f in sorted(allowed))} "
                 f"(found {', '.join('{' + f + '}' for f in unknown)})",
             )
     if len(problems) > before:
         return None
-    return Rule(name, metric, op, threshold, severity, summary.strip(), " ".join(item["runbook"].split()), group)
+    runbook = " ".join(item["runbook"].split())
+    return Rule(name, metric, op, threshold, severity, summary.strip(), runbook, group, window_threshold)
 
 
 def _parse_sinks(raw: Any, problems: list[str]) -> tuple[SinkSpec, ...]:
@@ -525,6 +540,11 @@ def sink_from_spec(spec: SinkSpec | AlertRoute, state_dir: Path) -> Sink:
 _MISSING = object()
 
 
+def _absent(value: Any) -> bool:
+    """Not measured in this window: missing, None (e.g. no labels yet) or NaN (the mean of an empty window)."""
+    return value is _MISSING or value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def lookup(metrics: Mapping[str, Any], dotted: str) -> Any:
     """``metrics["drift.psi_max"]`` if the window's metrics are flat, else ``metrics["drift"]["psi_max"]``."""
     if dotted in metrics:
@@ -599,7 +619,7 @@ class AlertManager:
         for rule in self.rules:
             value = lookup(metrics, rule.metric)
             # Not measured in this window (no labels yet, no traffic): nothing to compare, so nothing fires.
-            if value is _MISSING or value is None or (isinstance(value, float) and math.isnan(value)):
+            if _absent(value):
                 continue
             threshold = self.thresholds[rule.name]
             if isinstance(threshold, bool):
@@ -615,6 +635,18 @@ class AlertManager:
                 )
             if not OPS[rule.op](value, threshold):
                 continue
+            bound = None
+            if rule.window_threshold is not None:
+                bound = lookup(metrics, rule.window_threshold)
+                if _absent(bound):  # e.g. drift skipped on a window too small to test: no calibrated threshold
+                    continue
+                if isinstance(bound, bool) or not isinstance(bound, int | float):
+                    raise AlertMetricError(
+                        f"metric {rule.window_threshold!r} of window {window_id!r} is {bound!r} "
+                        f"({type(bound).__name__}); rule {rule.name!r} uses it as a threshold, a number"
+                    )
+                if not OPS[rule.op](value, bound):
+                    continue
             # Context first, so a context key can never overwrite the measured facts below.
             evidence = {
                 **dict(context),
@@ -625,11 +657,13 @@ class AlertManager:
                 "threshold_source": rule.threshold_source,
                 "window_id": window_id,
             }
+            if rule.window_threshold is not None:
+                evidence.update(window_threshold=bound, window_threshold_metric=rule.window_threshold)
             out.append(
                 Alert(
                     rule.name,
                     rule.severity,
-                    self._summary(rule, value, threshold, window_id),
+                    self._summary(rule, value, threshold, window_id, bound),
                     evidence,
                     rule.runbook,
                     now,
@@ -717,9 +751,15 @@ class AlertManager:
 
     # -- internals -------------------------------------------------------------------------------------------
     @staticmethod
-    def _summary(rule: Rule, value: Any, threshold: Any, window_id: str) -> str:
+    def _summary(rule: Rule, value: Any, threshold: Any, window_id: str, window_threshold: Any = None) -> str:
         try:
-            return rule.summary.format(value=value, threshold=threshold, metric=rule.metric, window_id=window_id)
+            return rule.summary.format(
+                value=value,
+                threshold=threshold,
+                metric=rule.metric,
+                window_id=window_id,
+                window_threshold=window_threshold,
+            )
         except (ValueError, TypeError, IndexError, KeyError) as exc:
             # e.g. "{value:.1%}" given a bool: keep the alert, show the template and the raw value instead.
             log.warning("rule %s: summary could not be formatted (%s)", rule.name, exc)

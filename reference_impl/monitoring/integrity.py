@@ -5,6 +5,11 @@ an upstream job that suddenly sends thumbnails, a broken share that serves trunc
 distribution shifts to be tested statistically, they are *contract* violations with a definite cause, and each one
 is worth an alert of its own. Volume matters too: half the usual traffic may mean a stopped line or a failing
 uploader, not a model problem.
+
+Two kinds of input never become a prediction and would be invisible in the prediction log alone: stored images
+the monitor cannot decode again (``unreadable``) and uploads the server refused outright (``rejected``: not an
+image, truncated, too large; the server records them in the log's ``rejections`` table). Both are counted, apart,
+so the report says which.
 """
 
 from __future__ import annotations
@@ -19,9 +24,13 @@ def check_window(
     expected: dict[str, Any],
     *,
     unreadable: int = 0,
+    rejected: int = 0,
     previous_rate_per_min: float | None = None,
 ) -> dict[str, Any]:
     """Integrity of one window of prediction-log rows against the profile's expectations.
+
+    ``unreadable``: stored images of the window that could not be decoded; ``rejected``: uploads the server
+    refused as bad input during the window's time span.
 
     Returns counts per kind of violation, their total (``failures``), the formats/sizes seen, and the volume
     ratio against the previous window (``None`` for the first window).
@@ -42,6 +51,7 @@ def check_window(
         "bit_depth_mismatch": depth_mismatch,
         "format_mismatch": format_mismatch,
         "unreadable": unreadable,
+        "rejected": rejected,
     }
     return {
         **counts,

@@ -4,7 +4,9 @@ It reads the server's prediction log in windows (by count, or by time), and for 
 
 1. loads the images the server stored and recomputes the model's embeddings with the champion bundle;
 2. runs every drift test against the bundle's reference profile, with calibrated thresholds;
-3. runs the integrity checks; measures accuracy where inspector labels exist and estimates it everywhere else;
+3. runs the integrity checks, counting the uploads the server refused during the window (the prediction log's
+   ``rejections`` table) as integrity failures and computing the error rate; measures accuracy where inspector
+   labels exist and estimates it everywhere else;
 4. stores the results (SQLite ``monitoring.db``), exports gauges in Prometheus text format (``monitoring.prom``,
    for a node-exporter textfile collector), evaluates the alert rules, and writes an Evidently report (HTML + JSON)
    plus our own compact summary (which features moved, by how much, since which window).
@@ -19,6 +21,8 @@ import json
 import logging
 import sqlite3
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +33,14 @@ from ..data import DatasetError, decode_image
 from ..settings import Settings
 from .integrity import check_window
 from .profile import ReferenceProfile
-from .quality import estimated_accuracy, measured_quality
+from .quality import estimated_accuracy, labelled_quality
 
 log = logging.getLogger(__name__)
+
+# Refusals that mean "this input is not what the line should send": malformed or undecodable (400), too large (413),
+# not an image type (415). They are integrity failures. 401/403 (credentials), 404 (unknown model) and 503 (our
+# capacity) are refused requests too, but say nothing about the images.
+BAD_INPUT_STATUSES = (400, 413, 415)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS windows (
@@ -70,6 +79,9 @@ class WindowReport:
             "drift": {
                 "detected": self.drift["drifted"],
                 "psi_max": self.drift["statistics"]["psi"],
+                # The PSI threshold calibrated for this window's size (None when the window was too small to test):
+                # psi_major_shift needs it, because the fixed 0.25 band fires on most normal windows of 50 images.
+                "psi_threshold": self.drift.get("thresholds", {}).get("psi"),
                 "features_drifted": len(self.drift.get("moved", [])),
             },
             "quality": {
@@ -215,8 +227,15 @@ class Monitor:
         return {f["input_sha256"]: (f["label"], f.get("reason") or "") for f in feedback}
 
     def process_window(
-        self, window_id: int, rows: list[dict[str, Any]], labels: dict[str, str], previous_rate: float | None
+        self,
+        window_id: int,
+        rows: list[dict[str, Any]],
+        labels: dict[str, str],
+        previous_rate: float | None,
+        rejections: Sequence[dict[str, Any]] = (),
     ) -> WindowReport:
+        """One window's report. ``rejections``: requests the server refused in the window's time span (rows of
+        the prediction log's ``rejections`` table, see ``run``)."""
         images, kept, unreadable = [], [], 0
         for r in rows:
             path = image_path(self.settings.state_dir, r["input_sha256"], r["input_format"])
@@ -235,9 +254,17 @@ class Monitor:
             if kept
             else np.zeros((0, len(classes)))
         )
+        bad_input = [r for r in rejections if r["status"] in BAD_INPUT_STATUSES]
         integrity = check_window(
-            rows, self.profile.expected, unreadable=unreadable, previous_rate_per_min=previous_rate
+            rows,
+            self.profile.expected,
+            unreadable=unreadable,
+            rejected=len(bad_input),
+            previous_rate_per_min=previous_rate,
         )
+        # What was refused and why, so the on-call person sees "cannot identify image file" at once.
+        integrity["rejections_by_status"] = dict(Counter(str(r["status"]) for r in rejections))
+        integrity["rejected_reasons"] = Counter(r["reason"] for r in bad_input).most_common(5)
         if len(kept) >= 20:
             emb = self.predictor.predict(images, with_embeddings=True).embeddings
             result = self.detector.check(self.profile.sample_of(images, probs, emb))
@@ -246,16 +273,27 @@ class Monitor:
             drift["calibration"] = self.detector.calibration.get(len(kept))
         else:
             drift = {"drifted": False, "statistics": {"psi": 0.0}, "moved": [], "skipped": "fewer than 20 images"}
-        labelled = [(r["label"], *labels[r["input_sha256"]]) for r in rows if r["input_sha256"] in labels]
-        # Items queued for low confidence are, by construction, the ones the model gets wrong most: accuracy measured
-        # on them is biased low. The random audit sample is unbiased, so it is preferred when there is enough of it.
-        audit = [t for t in labelled if t[2] == "random_audit"]
-        truth, sample = (audit, "random_audit") if len(audit) >= 5 else (labelled, "all_labelled")
-        quality = measured_quality([t[0] for t in truth], [t[1] for t in truth], classes)
-        quality["sample"] = sample if truth else None
+        quality = labelled_quality(rows, labels, classes)  # prefers the unbiased random-audit labels
         quality["accuracy_estimated"] = estimated_accuracy(probs, self.profile.temperature)
         latencies = [r["latency_ms"] for r in rows if r.get("latency_ms") is not None]
-        ops = {"p99_latency_ms": float(np.percentile(latencies, 99)) if latencies else None, "n": len(rows)}
+        # Error rate = failed requests / all predict requests in the window's time span, where
+        #   all    = accepted requests (distinct request ids among the window's rows: a batch is one request)
+        #            + refused requests (any status);
+        #   failed = answered with a 5xx: the service's own failure, what its SLO is about (today the 503s of a
+        #            server not ready or saturated; a crash answered by the generic 500 handler is not recorded in
+        #            the log). 4xx are the client's mistakes: not failures of the service, but the bad inputs
+        #            among them are counted as integrity failures above.
+        accepted = len({r["request_id"] for r in rows})
+        failed = sum(1 for r in rejections if r["status"] >= 500)
+        total = accepted + len(rejections)
+        ops = {
+            "p99_latency_ms": float(np.percentile(latencies, 99)) if latencies else None,
+            "n": len(rows),
+            "requests": total,
+            "failed_requests": failed,
+            "rejected_requests": len(rejections),
+            "error_rate": failed / total if total else None,
+        }
         return WindowReport(
             window_id,
             rows[0]["id"],
@@ -362,7 +400,13 @@ class Monitor:
         size = window_size or self.policy.drift.window_size
         last = int(self.store.get("last_row", "0") or 0)
         next_id = int(self.store.get("next_window", "1") or 1)
-        rows = _read_rows(self.settings.state_dir / "predictions.db", last)
+        from ..serving.predlog import read_rejections
+
+        db = self.settings.state_dir / "predictions.db"
+        rows = _read_rows(db, last)
+        # Refused requests are matched to windows by time: each window takes those after the previous window's
+        # last row, up to its own last row, so none falls between two windows.
+        last_ts = float(self.store.get("last_ts")) if self.store.get("last_ts") else None
         labels = self._labels()
         manager = None
         if alerts:
@@ -372,7 +416,8 @@ class Monitor:
         previous_rate = float(self.store.get("last_rate")) if self.store.get("last_rate") else None
         reports = []
         for rows_w in split_windows(rows, None if window_minutes else size, window_minutes):
-            w = self.process_window(next_id, rows_w, labels, previous_rate)
+            rejections = read_rejections(db, last_ts, rows_w[-1]["ts"]) if db.exists() else []
+            w = self.process_window(next_id, rows_w, labels, previous_rate, rejections)
             if manager is not None:
                 w.alerts = [
                     a.to_dict() if hasattr(a, "to_dict") else dict(a.__dict__)
@@ -383,6 +428,8 @@ class Monitor:
             self.store.save(w)
             self.export_gauges(w)
             self.store.put("last_row", str(w.last_row))
+            last_ts = w.ts_end
+            self.store.put("last_ts", repr(last_ts))
             self.store.put("next_window", str(next_id + 1))
             if w.integrity["rate_per_min"]:
                 previous_rate = w.integrity["rate_per_min"]

@@ -170,6 +170,14 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
     # ------------------------------------------------------------------------------------------ error handling
     @app.exception_handler(ClientError)
     async def client_error(request: Request, exc: ClientError) -> JSONResponse:
+        # A refused prediction request never reaches the prediction log as a prediction, yet the monitor must count
+        # it (an unreadable upload is an integrity failure, a 503 a failed request): record it, without the body.
+        path = request.url.path
+        if path.startswith("/v1/predict") or (path.startswith("/v2/models/") and path.endswith("/infer")):
+            headers = request.headers
+            service.log.log_rejection(
+                path, exc.status, exc.message, headers.get("content-type"), headers.get("content-length")
+            )
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

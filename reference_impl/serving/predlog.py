@@ -5,6 +5,11 @@ and canary) becomes a row in SQLite, in WAL mode so the monitoring job can read 
 written by a background thread, off the request path, in small transactions; received images go to a
 content-addressed folder (``images/ab/abcdef....png``) so inspectors can review exactly what the model saw.
 
+Requests the server *refuses* are recorded too, in a ``rejections`` table (when, which route, the status, the short
+reason sent to the client, the content type and declared size; never the body, which may be huge or hostile): an
+upload that is not an image, a truncated file or a 16-bit TIFF that is too big never becomes a prediction, yet it
+is exactly the integrity failure the monitor must count, and a 503 is a failed request for the error-rate SLO.
+
 Durability: ``close()`` drains the queue before returning, and the server calls it on shutdown (SIGTERM included),
 so nothing accepted is lost on a clean stop.
 """
@@ -45,7 +50,18 @@ CREATE TABLE IF NOT EXISTS predictions (
 );
 CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
 CREATE INDEX IF NOT EXISTS predictions_sha ON predictions (input_sha256);
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    route TEXT NOT NULL,
+    status INTEGER NOT NULL,          -- the HTTP status the client got (4xx: its request; 503: our capacity)
+    reason TEXT NOT NULL,             -- the error message sent back, cut to REASON_MAX characters
+    content_type TEXT,
+    body_bytes INTEGER                -- the declared Content-Length; NULL if the client sent none
+);
+CREATE INDEX IF NOT EXISTS rejections_ts ON rejections (ts);
 """
+REASON_MAX = 200
 
 
 @dataclass
@@ -72,6 +88,18 @@ class PredictionRecord:
     latency_ms: float | None = None
 
 
+@dataclass
+class RejectionRecord:
+    """A predict request the server refused: what the monitor needs, never the body."""
+
+    ts: float
+    route: str
+    status: int
+    reason: str
+    content_type: str | None
+    body_bytes: int | None
+
+
 def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
@@ -88,17 +116,41 @@ class PredictionLog:
         self.db_path = Path(db_path)
         self.image_dir = image_dir
         self.flush_every = flush_every
-        self._queue: queue.Queue[tuple[PredictionRecord, bytes | None] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[PredictionRecord, bytes | None] | RejectionRecord | None] = queue.Queue()
         self._conn = connect(self.db_path)
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._closed = False
         self.written = 0
+        self.rejections_written = 0
         self._thread.start()
 
     def append(self, record: PredictionRecord, image_bytes: bytes | None = None) -> None:
         if self._closed:
             raise RuntimeError("prediction log is closed")
         self._queue.put((record, image_bytes))
+
+    def log_rejection(
+        self,
+        route: str,
+        status: int,
+        reason: str,
+        content_type: str | None = None,
+        body_bytes: int | str | None = None,
+        ts: float | None = None,
+    ) -> None:
+        """Record a refused predict request (off the request path, like ``append``).
+
+        Never raises: it is called while the server answers a client's mistake, and that answer (a 4xx saying what
+        was wrong) matters more than our bookkeeping. ``body_bytes`` may be the raw Content-Length header;
+        ``ts`` defaults to now.
+        """
+        if self._closed:  # shutting down: the request is refused anyway, and there is no writer left
+            log.warning("prediction log closed; rejection on %s (%s) not recorded", route, status)
+            return
+        size = int(body_bytes) if isinstance(body_bytes, int) or (body_bytes or "").isdigit() else None
+        ctype = content_type.split(";")[0].strip().lower()[:100] if content_type else None
+        when = time.time() if ts is None else ts
+        self._queue.put(RejectionRecord(when, route, int(status), reason[:REASON_MAX], ctype, size))
 
     def _store_image(self, sha: str, fmt: str | None, payload: bytes) -> None:
         assert self.image_dir is not None
@@ -110,9 +162,13 @@ class PredictionLog:
         tmp.write_bytes(payload)
         tmp.replace(target)  # atomic: a reader never sees half an image
 
-    def _write(self, batch: list[tuple[PredictionRecord, bytes | None]]) -> None:
-        rows = []
-        for record, payload in batch:
+    def _write(self, batch: list[tuple[PredictionRecord, bytes | None] | RejectionRecord]) -> None:
+        rows, rejections = [], []
+        for item in batch:
+            if isinstance(item, RejectionRecord):
+                rejections.append(asdict(item))
+                continue
+            record, payload = item
             if payload is not None and self.image_dir is not None:
                 self._store_image(record.input_sha256, record.input_format, payload)
             row = asdict(record)
@@ -120,17 +176,19 @@ class PredictionLog:
             if row["agrees_with_champion"] is not None:
                 row["agrees_with_champion"] = int(row["agrees_with_champion"])
             rows.append(row)
-        cols = list(rows[0])
         with self._conn:
-            self._conn.executemany(
-                f"INSERT INTO predictions ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})", rows
-            )
+            for table, records in (("predictions", rows), ("rejections", rejections)):
+                if records:
+                    cols = list(records[0])
+                    sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"
+                    self._conn.executemany(sql, records)
         self.written += len(rows)
+        self.rejections_written += len(rejections)
 
     def _run(self) -> None:
         stop = False
         while not stop:
-            batch: list[tuple[PredictionRecord, bytes | None]] = []
+            batch: list[tuple[PredictionRecord, bytes | None] | RejectionRecord] = []
             try:
                 first = self._queue.get(timeout=self.flush_every)
             except queue.Empty:
@@ -180,3 +238,24 @@ def read_predictions(db_path: Path, where: str = "1=1", params: tuple[Any, ...] 
         d["probabilities"] = json.loads(d["probabilities"])
         out.append(d)
     return out
+
+
+def read_rejections(db_path: Path, after_ts: float | None, until_ts: float) -> list[dict[str, Any]]:
+    """Rejected requests with ``after_ts < ts <= until_ts`` (``after_ts`` None: from the start), oldest first.
+
+    A log written by a server older than the rejections table simply has none.
+    """
+    conn = sqlite3.connect(db_path, timeout=30)
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = conn.execute(
+            "SELECT * FROM rejections WHERE ts > ? AND ts <= ? ORDER BY id",
+            (float("-inf") if after_ts is None else after_ts, until_ts),
+        ).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return []
+    finally:
+        conn.close()
+    return [dict(r) for r in rows]
