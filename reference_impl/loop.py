@@ -565,7 +565,7 @@ class _Run:
         record_gate(self.registry, info.version, gate, audit=self.audit)
         self.result.gate = {"passed": gate.passed, "explanation": gate.explanation, "numbers": gate.numbers}
         self.step("gate", t, gate.explanation)
-        self.event(f"gate {'PASS' if gate.passed else 'FAIL'}: {gate.explanation[:120]}")
+        self.event(f"gate {gate.explanation}")  # the explanation starts with PASS or FAIL
         return info.version, gate
 
     # -- the whole run -------------------------------------------------------------------------------------
