@@ -11,6 +11,14 @@ total PSS (proportional set size: shared library pages split between the process
 whole process tree (nbclient + kernel + the kernel's own subprocesses), sampled every 0.1 s, since Binder's 2 GB
 limit applies to the container as a whole; the largest single-process RSS is recorded too.
 ``OMP_NUM_THREADS=1`` as in ``binder/start``.
+
+Which torch. Binder installs PyTorch's CPU wheels; a development machine often has the default CUDA build, whose
+``import torch`` maps the CUDA libraries (cuBLAS, cuDNN, ...) into every process even without a GPU: measured here,
+680 MB of RSS per process for the CUDA build against 192 MB for the CPU build. So each sample also sums the PSS of
+mappings from CUDA-only libraries, and the peak *without* them is reported as the estimate for Binder; the targets
+are checked against that estimate when the torch measured is a CUDA build, and against the raw peak otherwise. The
+estimate is conservative: the CUDA build's import also allocates more heap (about 190 MB of the 490 MB difference per
+process is heap and anonymous memory, not library pages), which it leaves in.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,8 +64,12 @@ def _pin_to_core_zero() -> None:
         os.sched_setaffinity(0, {0})
 
 
-def _tree_memory(proc: Any) -> tuple[int, int]:
-    """(total PSS of the process tree, largest single RSS), in bytes.
+# Shared libraries that only a CUDA build of torch loads (the nvidia-* wheels, libtorch_cuda, triton).
+_CUDA_LIBRARY = re.compile(r"(/nvidia/|libtorch_cuda|libcu[a-z]*\.so|libnccl|libnvrtc|libnvJitLink|/triton/)")
+
+
+def _tree_memory(proc: Any) -> tuple[int, int, int]:
+    """(total PSS, largest single RSS, PSS of CUDA-only libraries) of ``proc`` and its descendants, in bytes.
 
     RSS counts shared pages (torch's libraries, mapped by the kernel AND by any Python it starts) once per process,
     so a sum of RSS overstates what the container uses. PSS splits each shared page between the processes that map
@@ -64,13 +77,15 @@ def _tree_memory(proc: Any) -> tuple[int, int]:
     """
     import psutil
 
-    pss_total, rss_max = 0, 0
+    pss_total, rss_max, cuda_pss = 0, 0, 0
     for p in [proc, *proc.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):  # it may exit while we read it
             info = p.memory_full_info()
             pss_total += getattr(info, "pss", info.rss)  # PSS is Linux-only; elsewhere RSS is the best we have
             rss_max = max(rss_max, info.rss)
-    return pss_total, rss_max
+            if hasattr(info, "pss"):
+                cuda_pss += sum(m.pss for m in p.memory_maps(grouped=True) if _CUDA_LIBRARY.search(m.path))
+    return pss_total, rss_max, cuda_pss
 
 
 def measure(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 900) -> dict[str, Any]:
@@ -80,13 +95,13 @@ def measure(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 900
     start = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=_pin_to_core_zero)  # fmt: skip
-    proc, peak, peak_rss = psutil.Process(child.pid), 0, 0
+    proc, peak, peak_rss, peak_cpu_torch = psutil.Process(child.pid), 0, 0, 0
     while child.poll() is None:
         try:
-            pss, rss = _tree_memory(proc)
+            pss, rss, cuda = _tree_memory(proc)
         except psutil.NoSuchProcess:
             break
-        peak, peak_rss = max(peak, pss), max(peak_rss, rss)
+        peak, peak_rss, peak_cpu_torch = max(peak, pss), max(peak_rss, rss), max(peak_cpu_torch, pss - cuda)
         if time.perf_counter() - start > timeout:
             child.kill()
             raise TimeoutError(f"{' '.join(cmd[:3])} ... took more than {timeout:.0f} s")
@@ -96,16 +111,22 @@ def measure(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 900
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {child.returncode}):\n{stderr[-3000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    return {"wall_seconds": wall, "peak_mb": peak / 2**20, "peak_single_rss_mb": peak_rss / 2**20, **result}
+    return {"wall_seconds": wall, "peak_mb": peak / 2**20, "peak_single_rss_mb": peak_rss / 2**20,
+            "peak_mb_without_cuda_libraries": peak_cpu_torch / 2**20, **result}  # fmt: skip
 
 
 def run(quick: bool = False) -> dict[str, Any]:
+    import torch
+
     from courseware import grading
 
     labs = grading.assignments()
     if quick:
         labs = labs[:2]
-    out: dict[str, Any] = {"cpu_affinity": [0], "targets": {"seconds": TARGET_SECONDS, "memory_mb": TARGET_MEMORY_MB}}
+    cuda_build = torch.version.cuda is not None
+    memory_key = "peak_mb_without_cuda_libraries" if cuda_build else "peak_mb"
+    out: dict[str, Any] = {"cpu_affinity": [0], "targets": {"seconds": TARGET_SECONDS, "memory_mb": TARGET_MEMORY_MB},
+                           "torch": torch.__version__, "memory_checked_on": memory_key}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-labs-") as tmp:
         state = Path(tmp) / "state"
         env = {**os.environ, "MLOPS_STATE_DIR": str(state), "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}",
@@ -123,18 +144,23 @@ def run(quick: bool = False) -> dict[str, Any]:
             nb = work / f"{aid}.ipynb"
             print(f"{aid}: running the solution notebook on 1 core ...", flush=True)
             r = measure([sys.executable, "-c", _EXECUTE, str(nb), str(work)], env, work)
-            r["within_targets"] = r["wall_seconds"] <= TARGET_SECONDS and r["peak_mb"] <= TARGET_MEMORY_MB
+            r["within_targets"] = r["wall_seconds"] <= TARGET_SECONDS and r[memory_key] <= TARGET_MEMORY_MB
             out["labs"][aid] = r
             print(f"  {r['wall_seconds']:.1f} s wall ({r['execute_seconds']:.1f} s executing), "
-                  f"peak {r['peak_mb']:.0f} MB", flush=True)  # fmt: skip
+                  f"peak {r['peak_mb']:.0f} MB ({r['peak_mb_without_cuda_libraries']:.0f} MB without CUDA libraries)",
+                  flush=True)  # fmt: skip
 
-    row = "{:<28} {:>8.1f} {:>8.1f} {:>8.0f}  {}"
-    header = f"{'lab (1 core, model cached)':<28} {'wall s':>8} {'cells s':>8} {'PSS MB':>8}  targets 120 s, 1536 MB"
-    lines = ["", header]
+    row = "{:<28} {:>8.1f} {:>8.1f} {:>8.0f} {:>14.0f}  {}"
+    checked = "w/o CUDA libs: Binder uses CPU torch" if cuda_build else "PSS"
+    header = (f"{'lab (1 core, model cached)':<28} {'wall s':>8} {'cells s':>8} {'PSS MB':>8} {'w/o CUDA libs':>14}"
+              f"  targets 120 s, 1536 MB ({checked})")  # fmt: skip
+    lines = ["", f"torch {torch.__version__}", header]
     for aid, r in out["labs"].items():
         verdict = "ok" if r["within_targets"] else "OVER"
-        lines.append(row.format(aid, r["wall_seconds"], r["execute_seconds"], r["peak_mb"], verdict))
+        lines.append(row.format(aid, r["wall_seconds"], r["execute_seconds"], r["peak_mb"],
+                                r["peak_mb_without_cuda_libraries"], verdict))  # fmt: skip
     p = out["pretrain"]
-    lines.append(row.format("(postBuild pre-training)", p["wall_seconds"], p["execute_seconds"], p["peak_mb"], ""))
+    lines.append(row.format("(postBuild pre-training)", p["wall_seconds"], p["execute_seconds"], p["peak_mb"],
+                            p["peak_mb_without_cuda_libraries"], ""))  # fmt: skip
     print("\n".join(lines))
     return out
