@@ -167,7 +167,7 @@ class DemoResult:
 
     def timeline(self) -> str:
         header = (
-            f"{'win':>3} {'phase':<8} {'condition':<14} {'served by':<22} {'drift':>5} {'acc true':>8} "
+            f"{'win':>3} {'phase':<8} {'condition':<14} {'served by':<30} {'drift':>5} {'acc true':>8} "
             f"{'acc est':>7} {'acc lab':>7} {'labels':>6}  event"
         )
         lines = [header, "-" * len(header)]
@@ -180,11 +180,11 @@ class DemoResult:
             drift = "" if w.drift is None else ("YES" if w.drift else "no")
             first, *rest = w.events or [""]
             lines.append(
-                f"{w.window:>3} {w.phase:<8} {w.condition:<14} {served:<22.22} {drift:>5} "
+                f"{w.window:>3} {w.phase:<8} {w.condition:<14} {served:<30.30} {drift:>5} "
                 f"{pct(w.acc_true):>8} {pct(w.acc_est):>7} {pct(w.acc_labelled):>7} {w.n_labelled:>6}  "
                 f"{first}"
             )
-            lines += [f"{'':>89}{e}" for e in rest]
+            lines += [f"{'':>97}{e}" for e in rest]
         return "\n".join(lines)
 
     def summary(self) -> str:
