@@ -65,7 +65,10 @@ def _pin_to_core_zero() -> None:
 
 
 # Shared libraries that only a CUDA build of torch loads (the nvidia-* wheels, libtorch_cuda, triton).
-_CUDA_LIBRARY = re.compile(r"(/nvidia/|libtorch_cuda|libcu[a-z]*\.so|libnccl|libnvrtc|libnvJitLink|/triton/)")
+_CUDA_LIBRARY = re.compile(
+    r"(/nvidia/|libtorch_cuda|libc10_cuda|/triton/|lib(cudart|cublas|cublasLt|cudnn\w*|cufft|cufile|curand|cusparse\w*"
+    r"|cusolver|cupti|cuda|nccl|nvrtc|nvJitLink|nvToolsExt)[.-])"
+)
 
 
 def _tree_memory(proc: Any) -> tuple[int, int, int]:
