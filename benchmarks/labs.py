@@ -14,11 +14,11 @@ limit applies to the container as a whole; the largest single-process RSS is rec
 
 Which torch. Binder installs PyTorch's CPU wheels; a development machine often has the default CUDA build, whose
 ``import torch`` maps the CUDA libraries (cuBLAS, cuDNN, ...) into every process even without a GPU: measured here,
-680 MB of RSS per process for the CUDA build against 192 MB for the CPU build. So each sample also sums the PSS of
-mappings from CUDA-only libraries, and the peak *without* them is reported as the estimate for Binder; the targets
-are checked against that estimate when the torch measured is a CUDA build, and against the raw peak otherwise. The
-estimate is conservative: the CUDA build's import also allocates more heap (about 190 MB of the 490 MB difference per
-process is heap and anonymous memory, not library pages), which it leaves in.
+``import torch`` adds 481 MB of RSS for the CUDA build (680 MB in one earlier reading) against 191 MB for the CPU
+build. So each sample also sums the PSS of mappings from CUDA-only libraries, and the peak *without* them is
+reported as the estimate for Binder; the targets are checked against that estimate when the torch measured is a
+CUDA build, and against the raw peak otherwise. The estimate is conservative: of the 290 MB difference per process
+only about 156 MB are CUDA library pages; the rest (heap, anonymous memory) stays in the estimate.
 """
 
 from __future__ import annotations
@@ -98,13 +98,13 @@ def measure(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 900
     start = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=_pin_to_core_zero)  # fmt: skip
-    proc, peak, peak_rss, peak_cpu_torch = psutil.Process(child.pid), 0, 0, 0
+    proc, peak, peak_rss, peak_without_cuda = psutil.Process(child.pid), 0, 0, 0
     while child.poll() is None:
         try:
             pss, rss, cuda = _tree_memory(proc)
         except psutil.NoSuchProcess:
             break
-        peak, peak_rss, peak_cpu_torch = max(peak, pss), max(peak_rss, rss), max(peak_cpu_torch, pss - cuda)
+        peak, peak_rss, peak_without_cuda = max(peak, pss), max(peak_rss, rss), max(peak_without_cuda, pss - cuda)
         if time.perf_counter() - start > timeout:
             child.kill()
             raise TimeoutError(f"{' '.join(cmd[:3])} ... took more than {timeout:.0f} s")
@@ -115,7 +115,7 @@ def measure(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 900
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {child.returncode}):\n{stderr[-3000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
     return {"wall_seconds": wall, "peak_mb": peak / 2**20, "peak_single_rss_mb": peak_rss / 2**20,
-            "peak_mb_without_cuda_libraries": peak_cpu_torch / 2**20, **result}  # fmt: skip
+            "peak_mb_without_cuda_libraries": peak_without_cuda / 2**20, **result}  # fmt: skip
 
 
 def run(quick: bool = False) -> dict[str, Any]:

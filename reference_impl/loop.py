@@ -171,6 +171,7 @@ class DemoResult:
             f"{'acc est':>7} {'acc lab':>7} {'labels':>6}  event"
         )
         lines = [header, "-" * len(header)]
+        event_column = header.index("event")
 
         def pct(v: float | None) -> str:
             return "" if v is None else f"{v:.1%}"
@@ -184,7 +185,7 @@ class DemoResult:
                 f"{pct(w.acc_true):>8} {pct(w.acc_est):>7} {pct(w.acc_labelled):>7} {w.n_labelled:>6}  "
                 f"{first}"
             )
-            lines += [f"{'':>97}{e}" for e in rest]
+            lines += [" " * event_column + e for e in rest]  # further events line up under the first
         return "\n".join(lines)
 
     def summary(self) -> str:
