@@ -1,10 +1,13 @@
-"""The server as a real process: the standard v2 client over HTTP, and prediction-log durability on SIGTERM."""
+"""The server as a real process (the standard v2 client over HTTP, prediction-log durability on SIGTERM), and on a
+thread of this process (the lab variant: same HTTP API, graceful stop, clear start-up errors)."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,8 +15,10 @@ import httpx
 import numpy as np
 import pytest
 
+from reference_impl.serving import ServingConfig, predlog
 from reference_impl.serving.predlog import read_predictions
-from reference_impl.serving.process import ServerProcess
+from reference_impl.serving.process import ServerProcess, ServerThread
+from reference_impl.settings import Settings
 
 MODEL = "weld-defect"
 ADMIN_KEY = "process-admin-key-42"
@@ -142,3 +147,46 @@ def test_a_server_cannot_be_started_twice_and_stops_on_exit(bundle_dir, tmp_path
             server.start()
         assert server.proc is first
     assert first.poll() is not None, "the server must be stopped when the with-block ends"
+
+
+def test_server_thread_serves_over_http_and_drains_its_log_on_stop(
+    bundle_dir, tmp_path, weld_pngs, serving_predictor, weld_images, monkeypatch
+):
+    """The lab variant (Labs 4-5): the same app on a thread of this process. Clients see the same HTTP API, and
+    stop() is as graceful as SIGTERM is for the process: every accepted request ends up in the prediction log."""
+    _write = predlog.PredictionLog._write
+
+    def slow_write(self, batch):  # the writer is still behind when stop() is called
+        time.sleep(0.3)
+        _write(self, batch)
+
+    monkeypatch.setattr(predlog.PredictionLog, "_write", slow_write)
+    root_handlers = list(logging.getLogger().handlers)
+    settings = Settings(state_dir=tmp_path / "state")
+    server = ServerThread(settings, ServingConfig(bundle_path=str(bundle_dir), admin_key=ADMIN_KEY, device="cpu"))
+    with server:
+        assert server.thread is not None and server.thread.is_alive()
+        with pytest.raises(RuntimeError, match="already running"):
+            server.start()
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            answers = [http.post("/v1/predict", content=weld_pngs[i % len(weld_pngs)],
+                                 headers={"content-type": "image/png"}) for i in range(N_V1)]  # fmt: skip
+            assert http.post("/v1/admin/reload").status_code == 401
+            assert http.post("/v1/admin/reload", headers={"x-api-key": ADMIN_KEY}).status_code == 200
+            assert http.get("/v1/model").json()["champion"]["version"] == "1.0-test"
+    assert server.returncode == 0 and not server.thread.is_alive()
+    expected = serving_predictor.predict(list(weld_images.images)).labels
+    assert [a.json()["label"] for a in answers] == [expected[i % len(weld_pngs)] for i in range(N_V1)]
+    assert len(read_predictions(tmp_path / "state" / "predictions.db")) == N_V1
+    assert logging.getLogger().handlers == root_handlers, "starting a server must not reconfigure the host's logging"
+    assert server.stop() == 0, "a second stop is harmless"
+
+
+def test_server_thread_that_cannot_load_its_model_says_why(tmp_path):
+    settings = Settings(state_dir=tmp_path / "state")  # an empty registry: no champion to serve
+    server = ServerThread(settings, ServingConfig(model_ref="champion", device="cpu"), ready_timeout_s=60)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="no version or alias 'champion'"):
+        server.start()
+    assert time.monotonic() - started < 30, "a start-up failure is reported at once, not after the timeout"
+    assert server.thread is not None and not server.thread.is_alive() and server.stop() == 3

@@ -1,23 +1,38 @@
-"""Run the inference server as a real process (for labs, the demo and benchmarks). Chapter: "Serving predictions".
+"""Run the inference server for labs, the demo and benchmarks. Chapter: "Serving predictions".
 
 ``ServerProcess`` starts ``python -m reference_impl serve`` on a free loopback port, waits until the readiness
 probe says the model is loaded, and stops it with SIGTERM (a graceful shutdown that flushes the prediction log),
 killing it only if it does not exit in time. Use it as a context manager so the server never outlives you.
+
+``ServerThread`` runs the very same app (``create_app``) under the very same uvicorn, on a background thread of
+the calling process. Clients still talk HTTP to it, so nothing they do changes; what changes is memory: a second
+Python process imports torch, MLflow and FastAPI again (about 0.5 GB), which a 2 GB Binder session cannot spare
+when a lab also trains a model. Production runs the server as its own process (or container); the thread is a
+lab convenience, and its trade-off (the server shares the kernel's GIL and dies with it) is the reason.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from ..settings import Settings
+    from .config import ServingConfig
 
 
 def free_port() -> int:
@@ -25,6 +40,26 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until_ready(url: str, timeout_s: float, still_starting: Callable[[], str | None]) -> bool:
+    """Poll ``/v2/health/ready`` until it answers 200 (True) or ``timeout_s`` passes (False).
+
+    ``still_starting`` returns an error message once the server is known to have died, which is raised at once
+    instead of waiting for the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        failure = still_starting()
+        if failure is not None:
+            raise RuntimeError(failure)
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    return False
 
 
 class ServerProcess:
@@ -57,18 +92,15 @@ class ServerProcess:
                *self.args]  # fmt: skip
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT if self.log_path else None)
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with status {self.proc.returncode} before becoming ready "
-                                   f"(command: {' '.join(cmd)})")  # fmt: skip
-            try:
-                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.2)
+        proc = self.proc
+
+        def exited() -> str | None:
+            if proc.poll() is None:
+                return None
+            return f"server exited with status {proc.returncode} before becoming ready (command: {' '.join(cmd)})"
+
+        if wait_until_ready(self.url, self.ready_timeout_s, exited):
+            return self
         self.stop()
         raise TimeoutError(f"server not ready after {self.ready_timeout_s:.0f} s")
 
@@ -87,6 +119,114 @@ class ServerProcess:
         return self.returncode
 
     def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class _ErrorRecorder(logging.Handler):
+    """Keeps the error uvicorn logs, so a failed start-up can say why (e.g. no model under that alias)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:  # the cause; uvicorn's "Application startup failed. Exiting." follows it
+            self.last = f"{type(exc).__name__}: {exc}"
+        elif self.last is None:
+            # Starlette reports a failed lifespan as a formatted traceback: its last line names the exception.
+            lines = [line for line in record.getMessage().splitlines() if line.strip()]
+            self.last = lines[-1] if lines else None
+
+
+class ServerThread:
+    """The inference server on a background thread of this process: same app, same uvicorn, real HTTP.
+
+    Settings and serving options are passed as objects (no environment variables, no command line), e.g.
+    ``ServerThread(settings, ServingConfig(model_ref="champion", admin_key=key))``. ``url``, ``start()``,
+    ``stop()`` and the context manager behave like ``ServerProcess``; ``stop()`` returns 0 after a graceful
+    shutdown (queue drained, prediction log flushed), 1 if the server thread did not finish in time, and
+    uvicorn's exit status (3) if the app failed to start.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        config: ServingConfig | None = None,
+        *,
+        port: int | None = None,
+        ready_timeout_s: float = 120.0,
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_timeout_s = ready_timeout_s
+        self.server: uvicorn.Server | None = None
+        self.thread: threading.Thread | None = None
+        self.returncode: int | None = None
+
+    def start(self) -> ServerThread:
+        import uvicorn
+
+        from .app import create_app
+
+        if self.thread is not None and self.thread.is_alive():
+            raise RuntimeError(f"this server is already running at {self.url}; stop() it first")
+        app = create_app(self.settings, self.config)
+        # log_config=None: leave the host process's logging (e.g. a notebook's) as it is.
+        uv_config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, log_level="warning",
+                                   access_log=False, timeout_graceful_shutdown=15)  # fmt: skip
+        self.server = uvicorn.Server(uv_config)
+        errors = _ErrorRecorder()
+        uv_logger = logging.getLogger("uvicorn.error")
+        uv_logger.addHandler(errors)
+        # daemon: if the process exits without stop(), the thread must not keep it alive (atexit still stops it).
+        self.thread = threading.Thread(target=self._serve, name=f"inference-server-{self.port}", daemon=True)
+        thread = self.thread
+        self.returncode = None
+        try:
+            self.thread.start()
+
+            def died() -> str | None:
+                if thread.is_alive():
+                    return None
+                return f"server stopped before becoming ready: {errors.last or 'see the uvicorn log above'}"
+
+            if wait_until_ready(self.url, self.ready_timeout_s, died):
+                return self
+        finally:
+            uv_logger.removeHandler(errors)
+        self.stop()
+        raise TimeoutError(f"server not ready after {self.ready_timeout_s:.0f} s")
+
+    def _serve(self) -> None:
+        assert self.server is not None
+        try:
+            self.server.run()
+        except SystemExit as exc:
+            # uvicorn ends with sys.exit(3) when the app fails to start (e.g. the model can't be loaded). In a
+            # thread that would only print a stray traceback; start() reports the logged cause instead.
+            self.returncode = exc.code if isinstance(exc.code, int) else 1
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """Ask uvicorn to shut down gracefully (what SIGTERM does to the process) and wait for the thread."""
+        if self.server is None or self.thread is None:
+            return self.returncode
+        if self.thread.is_alive():
+            self.server.should_exit = True
+            self.thread.join(timeout_s)
+            self.returncode = 1 if self.thread.is_alive() else 0
+        elif self.returncode is None:
+            self.returncode = 0
+        return self.returncode
+
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(
