@@ -963,6 +963,51 @@ def test_concurrent_requests_are_batched(bundle_dir, tmp_path, weld_images, weld
     assert sample(found, "weld_batch_size_bucket", le="1.0") < passes  # some forward pass had more than 1 image
 
 
+class _CountingHandle:
+    """A stand-in model for the batcher: counts preprocessing calls, refuses images marked bad (value 13)."""
+
+    def __init__(self) -> None:
+        self.preprocess_calls: list[int] = []
+
+    def preprocess(self, pixels: list[np.ndarray]) -> np.ndarray:
+        self.preprocess_calls.append(len(pixels))
+        if any(int(p[0, 0]) == 13 for p in pixels):
+            raise ValueError("unsupported image")
+        return np.stack(pixels).astype(np.float32)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        time.sleep(0.02)  # while one batch runs, the next requests queue up together
+        return np.stack([x[:, 0, 0], -x[:, 0, 0]], axis=1)  # "probabilities" that identify each image
+
+
+def test_batcher_preprocesses_once_per_batch_and_isolates_a_bad_request():
+    from reference_impl.serving.batcher import MicroBatcher
+
+    handle = _CountingHandle()
+
+    async def scenario(bad: int | None) -> list[Any]:
+        batcher = MicroBatcher(max_batch_size=8, max_wait_ms=50)
+        batcher.expect_more = lambda: True
+        await batcher.start()
+        try:
+            images = [np.full((4, 4), 13 if i == bad else i, dtype=np.uint8) for i in range(6)]
+            return await asyncio.gather(*(batcher.submit([im], handle) for im in images), return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(scenario(bad=None))
+    assert [float(r.probabilities[0, 0]) for r in results] == [0, 1, 2, 3, 4, 5], "each request gets its own answer"
+    assert handle.preprocess_calls == [6] and {r.batch_size for r in results} == {6}, "one call for the batch"
+    assert all(r.preprocess_seconds >= 0 and r.inference_seconds >= 0.02 for r in results)
+
+    handle.preprocess_calls.clear()
+    results = asyncio.run(scenario(bad=2))
+    assert isinstance(results[2], ValueError), "the bad request gets its error"
+    good = [r for i, r in enumerate(results) if i != 2]
+    assert [float(r.probabilities[0, 0]) for r in good] == [0, 1, 3, 4, 5], "its batch neighbours are answered"
+    assert handle.preprocess_calls == [6, 1, 1, 1, 1, 1, 1], "the failed batch is retried one request at a time"
+
+
 # ------------------------------------------------------------------------------------------- shadow and canary
 def registry_app(**config: Any) -> Any:
     """An app serving the registry's champion (the registry of the `registry` fixture, via the environment)."""

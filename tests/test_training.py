@@ -74,14 +74,23 @@ def test_classification_metrics_perfect_and_empty():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_preprocess_batch_stack_equals_list():
+def test_preprocess_batch_equals_the_transform_applied_one_image_at_a_time():
+    """The batch paths (an array, or a list of same-sized arrays, which is stacked first) must give what the
+    transform gives each image on its own: the server batches, a trainee's notebook may not."""
     for bit_depth in (8, 16):
         images = data.generate(6, seed=3, bit_depth=bit_depth).images
         spec = training.fit_preprocess_spec(images)
+        one_by_one = torch.stack([training.build_transform(spec)(im) for im in images])
         stacked = training.preprocess_batch(images, spec)
         listed = training.preprocess_batch(list(images), spec)
-        assert stacked.shape == listed.shape == (6, 1, 64, 64)
-        assert torch.allclose(stacked, listed, atol=1e-6), bit_depth
+        assert stacked.shape == listed.shape == one_by_one.shape == (6, 1, 64, 64)
+        assert torch.allclose(stacked, one_by_one, atol=1e-6) and torch.allclose(listed, one_by_one, atol=1e-6)
+        # another size is resized to the spec's (64, 64) the same way in a batch as alone
+        big = [np.kron(im, np.ones((2, 2), dtype=im.dtype))[:100, :120] for im in images]
+        alone = torch.stack([training.build_transform(spec)(im) for im in big])
+        assert torch.allclose(training.preprocess_batch(big, spec), alone, atol=1e-5), bit_depth
+    mixed = [images[0], big[1]]  # different sizes can't be stacked: each goes through the transform alone
+    assert training.preprocess_batch(mixed, spec).shape == (2, 1, 64, 64)
 
 
 def test_fit_preprocess_spec_standardises_the_training_images():

@@ -1,9 +1,10 @@
 """Micro-batching: gather concurrent requests into one forward pass. Chapter: "Serving predictions".
 
-A CNN on a CPU costs almost the same for 1 image as for 8: most of the time is per-call overhead and memory
-traffic. So when requests arrive together we run them together. The first request of a batch waits at most
-``max_wait_ms`` for others; the batch never exceeds ``max_batch_size`` images. This is the throughput/latency
-trade-off of dynamic batching (as in Triton or TorchServe), in about a hundred lines.
+Every call into the model has a fixed cost (Python, operator dispatch, memory traffic) on top of the work per
+image, so when requests arrive together we run them together: both the preprocessing pipeline (about 0.13 ms per
+call whether it gets 1 image or 16, measured on this course's model) and the forward pass. The first request of a
+batch waits at most ``max_wait_ms`` for others; the batch never exceeds ``max_batch_size`` images. This is the
+throughput/latency trade-off of dynamic batching (as in Triton or TorchServe), in about a hundred lines.
 
 One worker task feeds one inference thread: the event loop keeps accepting requests while the model computes, and
 the model never runs two batches at once (which on a small CPU would only make both slower).
@@ -34,20 +35,30 @@ class BatchResult:
     probabilities: np.ndarray  # (rows, classes) for this request
     handle: Any  # the model that produced them
     queue_seconds: float
-    inference_seconds: float
+    preprocess_seconds: float  # the batch's preprocessing (shared by its requests)
+    inference_seconds: float  # the batch's forward pass
     batch_size: int
 
 
 @dataclass
 class _Item:
-    x: Any  # preprocessed tensor (rows, C, H, W)
-    handle: Any
+    pixels: list[np.ndarray]  # decoded images, preprocessed with the rest of the batch
+    handle: Any  # has .preprocess(list of arrays) -> tensor and .infer(tensor) -> probabilities
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
     def rows(self) -> int:
-        return int(self.x.shape[0])
+        return len(self.pixels)
+
+
+def _preprocess_and_infer(handle: Any, pixels: list[np.ndarray]) -> tuple[np.ndarray, float, float]:
+    """On the inference thread: one preprocessing call and one forward pass for the whole batch."""
+    start = time.perf_counter()
+    x = handle.preprocess(pixels)
+    preprocessed = time.perf_counter()
+    probabilities = handle.infer(x)
+    return probabilities, preprocessed - start, time.perf_counter() - preprocessed
 
 
 class MicroBatcher:
@@ -88,9 +99,9 @@ class MicroBatcher:
     def depth(self) -> int:
         return self.queue.qsize()
 
-    async def submit(self, x: Any, handle: Any) -> BatchResult:
-        """Queue a preprocessed batch for ``handle``'s model; raises QueueFullError instead of waiting for room."""
-        item = _Item(x, handle, asyncio.get_running_loop().create_future())
+    async def submit(self, pixels: list[np.ndarray], handle: Any) -> BatchResult:
+        """Queue decoded images for ``handle``'s model; raises QueueFullError instead of waiting for room."""
+        item = _Item(list(pixels), handle, asyncio.get_running_loop().create_future())
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -123,36 +134,37 @@ class MicroBatcher:
         return batch
 
     async def _run(self) -> None:
-        import torch
-
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
             started = time.perf_counter()
-            # Group by model: after a hot reload, requests preprocessed for the old model finish on the old model.
+            # Group by model: after a hot reload, requests routed to the old model finish on the old model.
             groups: dict[int, list[_Item]] = {}
             for item in batch:
                 groups.setdefault(id(item.handle), []).append(item)
             for items in groups.values():
-                handle = items[0].handle
-                x = torch.cat([it.x for it in items]) if len(items) > 1 else items[0].x
-                try:
-                    probs = await loop.run_in_executor(self._executor, handle.infer, x)
-                except Exception as exc:  # any model failure must reach the waiting requests, not kill the worker
-                    log.exception("inference failed for a batch of %d", len(x))
-                    for it in items:
-                        if not it.future.done():
-                            it.future.set_exception(exc)
-                    continue
-                done = time.perf_counter()
-                if self.on_batch:
-                    self.on_batch(len(x))
-                offset = 0
+                await self._run_group(items, started)
+
+    async def _run_group(self, items: list[_Item], started: float) -> None:
+        handle = items[0].handle
+        pixels = [p for it in items for p in it.pixels]
+        loop = asyncio.get_running_loop()
+        try:
+            probs, prep_s, infer_s = await loop.run_in_executor(self._executor, _preprocess_and_infer, handle, pixels)
+        except Exception as exc:  # any failure must reach the waiting requests, not kill the worker
+            if len(items) > 1:
+                # One request's bad input must not fail the others it was batched with: run each on its own.
                 for it in items:
-                    if not it.future.done():  # the client may have gone away
-                        it.future.set_result(
-                            BatchResult(
-                                probs[offset : offset + it.rows], handle, started - it.enqueued, done - started, len(x)
-                            )
-                        )
-                    offset += it.rows
+                    await self._run_group([it], started)
+                return
+            log.exception("inference failed for a batch of %d", len(pixels))
+            if not items[0].future.done():
+                items[0].future.set_exception(exc)
+            return
+        if self.on_batch:
+            self.on_batch(len(pixels))
+        offset = 0
+        for it in items:
+            if not it.future.done():  # the client may have gone away
+                it.future.set_result(BatchResult(probs[offset : offset + it.rows], handle, started - it.enqueued,
+                                                 prep_s, infer_s, len(pixels)))  # fmt: skip
+            offset += it.rows

@@ -22,7 +22,8 @@ class ServerMetrics:
                                 registry=r)  # fmt: skip
         self.latency = Histogram(
             "weld_request_latency_seconds",
-            "Time per stage: queue (waiting for a batch), preprocess, inference, total (whole request)",
+            "Time per stage: queue (waiting for a batch), preprocess (decode + the batch's transform), "
+            "inference (forward pass), total (whole request)",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,

@@ -40,6 +40,10 @@ class ModelHandle:
     def bundle(self) -> Bundle:
         return self.predictor.bundle
 
+    def preprocess(self, pixels: Any) -> Any:
+        """Decoded images (a list of 2-D arrays) -> the model's input tensor, with this bundle's own spec."""
+        return self.predictor.preprocess(pixels)
+
     def infer(self, x: Any) -> np.ndarray:
         """Softmax probabilities for a preprocessed batch tensor."""
         import torch
@@ -51,7 +55,7 @@ class ModelHandle:
         """One inference on a blank image: the first call pays for lazy allocations, not a user's request."""
         spec = self.bundle.preprocess
         blank = np.zeros((1, *spec.size), dtype=np.uint8)
-        self.infer(self.predictor.preprocess(blank))
+        self.infer(self.preprocess(blank))
 
     def describe(self) -> dict[str, Any]:
         return {

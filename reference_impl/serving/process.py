@@ -72,8 +72,12 @@ class ServerProcess:
         port: int | None = None,
         ready_timeout_s: float = 120.0,
         log_path: str | Path | None = None,
+        cpus: set[int] | None = None,
     ) -> None:
         self.port = port or free_port()
+        # Pin the server (all its threads, created after the pinning) to these CPUs, as a container's cpuset
+        # would: benchmarks use it to keep the load generator off the server's cores. Linux only.
+        self.cpus = cpus
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
@@ -91,7 +95,10 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "reference_impl", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                *self.args]  # fmt: skip
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT if self.log_path else None)
+        cpus = self.cpus
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT if self.log_path else None,
+                                     preexec_fn=pin)  # fmt: skip
         proc = self.proc
 
         def exited() -> str | None:

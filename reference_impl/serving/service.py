@@ -58,7 +58,7 @@ class DecodedImage:
 
 @dataclass
 class RawFile:
-    """An uploaded image file not decoded yet: decoding happens off the event loop, with the preprocessing."""
+    """An uploaded image file not decoded yet: decoding happens off the event loop."""
 
     name: str
     payload: bytes
@@ -68,7 +68,6 @@ class RawFile:
 class _Prepared:
     images: list[DecodedImage]
     stats: list[tuple[float, float]]
-    x: Any  # the model input tensor
 
 
 def sniff_format(payload: bytes) -> str | None:
@@ -170,13 +169,12 @@ class InferenceService:
                     "challenger": challenger.version if challenger else None}  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------- predicting
-    def _prepare(self, inputs: list[DecodedImage | RawFile], handle: ModelHandle) -> _Prepared:
-        """Decode, compute logging statistics and preprocess in ONE worker-thread hop (each hop costs latency)."""
+    def _prepare(self, inputs: list[DecodedImage | RawFile]) -> _Prepared:
+        """Decode and compute the logged statistics in ONE worker-thread hop (each hop costs latency). The model's
+        preprocessing runs later, once per micro-batch, on the inference thread (see batcher.py)."""
         images = [decode_file(i.payload, self.config.max_pixels, i.name) if isinstance(i, RawFile) else i
                   for i in inputs]  # fmt: skip
-        return _Prepared(
-            images, [im.stats() for im in images], handle.predictor.preprocess([im.pixels for im in images])
-        )
+        return _Prepared(images, [im.stats() for im in images])
 
     async def predict(self, inputs: list[DecodedImage | RawFile], route: str, request_id: str) -> dict[str, Any]:
         if not self.ready or self.champion is None:
@@ -193,21 +191,21 @@ class InferenceService:
         assert handle is not None
         self._preparing += 1
         try:
-            prepared = await asyncio.to_thread(self._prepare, inputs, handle)
+            prepared = await asyncio.to_thread(self._prepare, inputs)
         finally:
             self._preparing -= 1
-        images, x = prepared.images, prepared.x
-        preprocess_s = time.perf_counter() - start
+        images = prepared.images
+        decode_s = time.perf_counter() - start
         self.metrics.queue_depth.set(self.batcher.depth)
         try:
-            result = await self.batcher.submit(x, handle)
+            result = await self.batcher.submit([im.pixels for im in images], handle)
         except QueueFullError as exc:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise ClientError(503, f"{exc}; the server is saturated, retry after a short pause",
                               {"Retry-After": "1"}) from exc  # fmt: skip
         total_s = time.perf_counter() - start
         m = self.metrics
-        m.latency.labels(stage="preprocess").observe(preprocess_s)
+        m.latency.labels(stage="preprocess").observe(decode_s + result.preprocess_seconds)  # decode + transform
         m.latency.labels(stage="queue").observe(result.queue_seconds)
         m.latency.labels(stage="inference").observe(result.inference_seconds)
         role = "canary" if canary else "champion"
@@ -269,7 +267,7 @@ class InferenceService:
                     route: str, request_id: str) -> None:  # fmt: skip
         try:
             start = time.perf_counter()
-            probs = challenger.infer(challenger.predictor.preprocess([im.pixels for im in images]))
+            probs = challenger.infer(challenger.preprocess([im.pixels for im in images]))
             latency_ms = (time.perf_counter() - start) * 1000
             now = time.time()
             for i, (im, p, champ) in enumerate(zip(images, probs, champion_labels, strict=True)):
