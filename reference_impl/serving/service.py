@@ -211,12 +211,15 @@ class InferenceService:
         role = "canary" if canary else "champion"
         predictions = []
         now = time.time()
-        for i, (im, (mean, std), probs) in enumerate(zip(images, prepared.stats, result.probabilities, strict=True)):
-            k = int(np.argmax(probs))
-            label, conf = handle.classes[k], float(probs[k])
+        # Plain Python floats and ints from here on: one numpy call per request, not one per image and field.
+        winners = result.probabilities.argmax(axis=1).tolist()
+        for i, (im, (mean, std), probs, k) in enumerate(
+            zip(images, prepared.stats, result.probabilities.tolist(), winners, strict=True)
+        ):
+            label, conf = handle.classes[k], probs[k]
             m.predictions.labels(role=role, version=handle.version, label=label).inc()
             m.confidence.observe(conf)
-            prob_map = {c: float(p) for c, p in zip(handle.classes, probs, strict=True)}
+            prob_map = dict(zip(handle.classes, probs, strict=True))
             predictions.append({"label": label, "confidence": conf, "probabilities": prob_map,
                                 "input_sha256": im.sha256})  # fmt: skip
             self.log.append(
