@@ -48,6 +48,34 @@ class ModelVersionInfo:
         return f"models:/{self.name}/{self.version}"
 
 
+def _forget_engines_of_a_deleted_database(uri: str) -> None:
+    """Drop MLflow's cached database engines for ``uri`` if its SQLite file no longer exists.
+
+    MLflow keeps, for the life of the process, one store object and one SQLAlchemy engine per database URI (caches
+    in its tracking and registry modules). When the file is deleted, e.g. a lab re-running its setup cell wipes its
+    state folder, the pooled connections still point at the deleted file and every write fails with "attempt to
+    write a readonly database". Fresh ones create the new file and its tables. MLflow has no public API for this,
+    so its private caches are used defensively: if they move in a later MLflow version this does nothing.
+    """
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
+        return
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+    from mlflow.tracking._model_registry.registry import ModelRegistryStoreRegistry
+    from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry
+
+    for store in (TrackingStore, RegistryStore):
+        engines = getattr(store, "_engine_map", None)
+        engine = engines.pop(uri, None) if isinstance(engines, dict) else None
+        if engine is not None:
+            engine.dispose()
+    for registry in (TrackingStoreRegistry, ModelRegistryStoreRegistry):
+        # lru_cache keyed by URI; clearing it only makes other URIs' stores be rebuilt (their engines stay cached)
+        cache_clear = getattr(getattr(registry, "_get_store_with_resolved_uri", None), "cache_clear", None)
+        if cache_clear is not None:
+            cache_clear()
+
+
 class Registry:
     """Thin, explicit wrapper over ``mlflow.MlflowClient`` for one registered model name."""
 
@@ -60,6 +88,7 @@ class Registry:
         self.name = self.settings.model_name
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.uri = self.settings.tracking_uri
+        _forget_engines_of_a_deleted_database(self.uri)
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)

@@ -273,3 +273,16 @@ def test_services_runs_an_mlflow_server_and_stops_cleanly(registry_with_challeng
         with contextlib.suppress(ProcessLookupError):  # an orphaned child of the group (there should be none)
             os.killpg(proc.pid, signal.SIGKILL)
         proc.stdout.close()
+
+
+def test_a_registry_whose_state_folder_was_wiped_starts_afresh_in_the_same_process(tmp_path, bundle_dir):
+    """A lab re-running its setup cell deletes its state folder (SQLite database included) and registers again in
+    the same kernel. MLflow's cached engine for that URI still points at the deleted file; without dropping it the
+    second registration fails with "attempt to write a readonly database"."""
+    settings = Settings(state_dir=tmp_path / "lab")
+    first = Registry(settings)
+    assert first.register_bundle(bundle_dir, alias=CHAMPION).version == "1"
+    shutil.rmtree(settings.state_dir)
+    second = Registry(settings)
+    assert second.register_bundle(bundle_dir, alias=CHAMPION).version == "1", "a new, empty registry"
+    assert second.aliases() == {CHAMPION: "1"}
