@@ -378,6 +378,15 @@ def test_decode_image_errors_name_the_source():
     Image.fromarray(np.zeros((8, 8), np.float32)).save(float_tiff, format="TIFF")
     with pytest.raises(DatasetError, match=r"^f\.tif: "):  # float images are refused, naming the file
         data.decode_image(float_tiff.getvalue(), name="f.tif")
+    img = data.generate(1, seed=8).images[0]
+    for fmt in ("BMP", "GIF"):  # readable by Pillow, but not a format the course accepts
+        other = io.BytesIO()
+        Image.fromarray(img).save(other, format=fmt)
+        with pytest.raises(DatasetError, match="expected PNG, JPEG or TIFF"):
+            data.decode_image(other.getvalue(), name=f"x.{fmt.lower()}")
+    jpeg = io.BytesIO()
+    Image.fromarray(img).save(jpeg, format="JPEG", quality=95)
+    assert data.decode_image(jpeg.getvalue()).shape == img.shape
 
 
 def test_save_grid_writes_a_png(tmp_path):
