@@ -1239,3 +1239,20 @@ def test_rollout_is_switched_at_run_time(registry_with_challenger, isolated_stat
         assert roles() == {rid: "canary" if in_canary(rid, 0.5) else "champion" for rid in ids}
         assert c.post("/v1/admin/rollout", json={"canary_fraction": 0}, headers=key).status_code == 200
         assert set(roles().values()) == {"champion"}
+
+
+def test_only_small_pngs_are_decoded_on_the_event_loop(weld_pngs):
+    """Decoding on the loop saves a thread hop, but only an image known to be small may stall the loop: the pixel
+    count comes from the PNG header, because a small file can hold a huge image."""
+    from reference_impl.serving.service import RawFile, _small_png, decode_array
+
+    huge = io.BytesIO()
+    Image.new("L", (4096, 4096)).save(huge, format="PNG")
+    assert len(huge.getvalue()) < 64 * 1024, "a few KB of zeros: file size alone would wave it through"
+    jpeg = io.BytesIO()
+    Image.new("L", (64, 64)).save(jpeg, format="JPEG")
+    assert _small_png(RawFile("weld.png", weld_pngs[0]))
+    assert not _small_png(RawFile("huge.png", huge.getvalue()))
+    assert not _small_png(RawFile("weld.jpg", jpeg.getvalue())), "other formats: decoded on a thread"
+    assert not _small_png(RawFile("cut.png", weld_pngs[0][:20])), "truncated header: decoded (and refused) on a thread"
+    assert _small_png(decode_array(np.zeros((64, 64), np.uint8))), "a v2 tensor needs no decoding"
