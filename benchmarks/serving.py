@@ -198,13 +198,18 @@ def run(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
                 row["ratios"] = _ratios(row, out["scoring"])
                 out["rounds_detail"].append(row)
         finally:
-            for server in servers.values():
-                server.stop()
-            if mlflow_proc is not None:
-                mlflow_proc.terminate()
-                mlflow_proc.wait(timeout=30)
-            if client_cpus and server_cpus:
-                os.sched_setaffinity(0, client_cpus | server_cpus)
+            try:
+                for server in servers.values():
+                    server.stop()
+            finally:
+                if mlflow_proc is not None:
+                    mlflow_proc.terminate()
+                    try:
+                        mlflow_proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        mlflow_proc.kill()
+                if client_cpus and server_cpus:
+                    os.sched_setaffinity(0, client_cpus | server_cpus)
 
     ratios = {key: statistics.median(row["ratios"][key] for row in out["rounds_detail"])
               for key in out["rounds_detail"][0]["ratios"]}  # fmt: skip

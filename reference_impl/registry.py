@@ -11,6 +11,7 @@ Default back end: SQLite under the state dir (no server needed). Any MLflow trac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -57,8 +58,9 @@ def _forget_engines_of_a_deleted_database(uri: str) -> None:
     write a readonly database". Fresh ones create the new file and its tables. MLflow has no public API for this,
     so its private caches are used defensively: if they move in a later MLflow version this does nothing.
     """
-    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
-        return
+    path = uri.removeprefix("sqlite:///")
+    if not uri.startswith("sqlite:///") or "?" in path or ":memory:" in path or Path(path).exists():
+        return  # not a plain SQLite file, or it is still there
     from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
     from mlflow.tracking._model_registry.registry import ModelRegistryStoreRegistry
@@ -66,7 +68,10 @@ def _forget_engines_of_a_deleted_database(uri: str) -> None:
 
     for store in (TrackingStore, RegistryStore):
         engines = getattr(store, "_engine_map", None)
-        engine = engines.pop(uri, None) if isinstance(engines, dict) else None
+        if not isinstance(engines, dict):
+            continue
+        with getattr(store, "_engine_map_lock", contextlib.nullcontext()):  # MLflow's own lock for this cache
+            engine = engines.pop(uri, None)
         if engine is not None:
             engine.dispose()
     for registry in (TrackingStoreRegistry, ModelRegistryStoreRegistry):

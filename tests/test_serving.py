@@ -1008,6 +1008,25 @@ def test_batcher_preprocesses_once_per_batch_and_isolates_a_bad_request():
     assert handle.preprocess_calls == [6, 1, 1, 1, 1, 1, 1], "the failed batch is retried one request at a time"
 
 
+def test_batcher_stop_waits_for_the_batch_in_progress():
+    """stop() must not cancel the worker while a batch runs: those requests would never be answered."""
+    from reference_impl.serving.batcher import MicroBatcher
+
+    handle = _CountingHandle()  # its inference takes 20 ms
+
+    async def scenario() -> Any:
+        batcher = MicroBatcher(max_batch_size=8, max_wait_ms=0)
+        await batcher.start()
+        request = asyncio.ensure_future(batcher.submit([np.full((4, 4), 7, dtype=np.uint8)], handle))
+        await asyncio.sleep(0.005)  # the worker has taken the request and is running it
+        assert batcher.queue.empty()
+        await batcher.stop()
+        return await asyncio.wait_for(request, 1)
+
+    result = asyncio.run(scenario())
+    assert float(result.probabilities[0, 0]) == 7
+
+
 # ------------------------------------------------------------------------------------------- shadow and canary
 def registry_app(**config: Any) -> Any:
     """An app serving the registry's champion (the registry of the `registry` fixture, via the environment)."""
@@ -1241,18 +1260,21 @@ def test_rollout_is_switched_at_run_time(registry_with_challenger, isolated_stat
         assert set(roles().values()) == {"champion"}
 
 
-def test_only_small_pngs_are_decoded_on_the_event_loop(weld_pngs):
+def test_only_small_inputs_are_decoded_on_the_event_loop(weld_pngs):
     """Decoding on the loop saves a thread hop, but only an image known to be small may stall the loop: the pixel
     count comes from the PNG header, because a small file can hold a huge image."""
-    from reference_impl.serving.service import RawFile, _small_png, decode_array
+    from reference_impl.serving.service import RawFile, _decode_inline, decode_array
 
     huge = io.BytesIO()
     Image.new("L", (4096, 4096)).save(huge, format="PNG")
     assert len(huge.getvalue()) < 64 * 1024, "a few KB of zeros: file size alone would wave it through"
     jpeg = io.BytesIO()
     Image.new("L", (64, 64)).save(jpeg, format="JPEG")
-    assert _small_png(RawFile("weld.png", weld_pngs[0]))
-    assert not _small_png(RawFile("huge.png", huge.getvalue()))
-    assert not _small_png(RawFile("weld.jpg", jpeg.getvalue())), "other formats: decoded on a thread"
-    assert not _small_png(RawFile("cut.png", weld_pngs[0][:20])), "truncated header: decoded (and refused) on a thread"
-    assert _small_png(decode_array(np.zeros((64, 64), np.uint8))), "a v2 tensor needs no decoding"
+    assert _decode_inline(RawFile("weld.png", weld_pngs[0]))
+    assert not _decode_inline(RawFile("huge.png", huge.getvalue()))
+    assert not _decode_inline(RawFile("weld.jpg", jpeg.getvalue())), "other formats: decoded on a thread"
+    assert not _decode_inline(RawFile("cut.png", weld_pngs[0][:20])), "a truncated header: refused on a thread"
+    assert _decode_inline(decode_array(np.zeros((64, 64), np.uint8))), "a small v2 tensor: only its statistics"
+    assert not _decode_inline(decode_array(np.zeros((1024, 1024), np.uint8))), "a big one: on a thread"
+    padded = weld_pngs[0][:-12] + b"\x00" * (70 * 1024) + weld_pngs[0][-12:]  # a small header, a big file
+    assert not _decode_inline(RawFile("padded.png", padded))

@@ -190,3 +190,16 @@ def test_server_thread_that_cannot_load_its_model_says_why(tmp_path):
         server.start()
     assert time.monotonic() - started < 30, "a start-up failure is reported at once, not after the timeout"
     assert server.thread is not None and not server.thread.is_alive() and server.stop() == 3
+
+
+def test_server_thread_that_crashes_is_not_reported_as_stopped_cleanly(tmp_path, monkeypatch):
+    import uvicorn
+
+    def crash(self, sockets=None):
+        raise OSError("address already in use")
+
+    monkeypatch.setattr(uvicorn.Server, "run", crash)
+    server = ServerThread(Settings(state_dir=tmp_path / "state"), ServingConfig(device="cpu"), ready_timeout_s=30)
+    with pytest.raises(RuntimeError, match="server stopped before becoming ready"):
+        server.start()
+    assert server.stop() == 1, "a crash is not a graceful stop"

@@ -93,6 +93,21 @@ def test_preprocess_batch_equals_the_transform_applied_one_image_at_a_time():
     assert training.preprocess_batch(mixed, spec).shape == (2, 1, 64, 64)
 
 
+def test_a_list_is_stacked_only_while_the_stack_is_small(monkeypatch):
+    """Stacking 16 full-size radiographs would allocate gigabytes before the resize: above the bound, one by one."""
+    images = list(data.generate(3, seed=5).images)
+    spec = training.fit_preprocess_spec(np.stack(images))
+    stacked_calls = []
+    real_stack = np.stack
+    monkeypatch.setattr(np, "stack", lambda arrays, *a, **k: stacked_calls.append(len(arrays)) or real_stack(arrays))
+    small = training.preprocess_batch(images, spec)
+    assert stacked_calls == [3]
+    monkeypatch.setattr(training, "STACK_MAX_PIXELS", 2 * 64 * 64)  # 3 images of 64x64 are now "too many pixels"
+    big = training.preprocess_batch(images, spec)
+    assert stacked_calls == [3], "not stacked above the bound"
+    assert torch.allclose(small, big, atol=1e-6)
+
+
 def test_fit_preprocess_spec_standardises_the_training_images():
     images = data.generate(50, seed=12).images
     spec = training.fit_preprocess_spec(images)

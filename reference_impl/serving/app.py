@@ -143,11 +143,13 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await service.start()
         try:
+            await service.start()
             yield
         finally:
-            await service.stop()  # drains the batch queue and flushes the prediction log (SIGTERM included)
+            # drains the batch queue and flushes the prediction log (SIGTERM included); after a failed start it
+            # still closes the log's writer thread and database, which matters when the server runs on a thread
+            await service.stop()
 
     app = FastAPI(title="Weld defect inference server", version="1.0", lifespan=lifespan,
                   description="Reference server for the course chapter 'Serving predictions'.")  # fmt: skip

@@ -78,6 +78,7 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task | None = None
         self._pending: _Item | None = None  # taken from the queue but did not fit the last batch
+        self._busy = False  # a batch is being run right now (stop() waits for it)
         # Set by the service: are requests on their way (being decoded) that could join this batch? If not,
         # waiting max_wait_ms would only add latency, so a lone request is dispatched at once.
         self.expect_more: Callable[[], bool] = lambda: True
@@ -86,8 +87,8 @@ class MicroBatcher:
         self._task = asyncio.create_task(self._run(), name="micro-batcher")
 
     async def stop(self) -> None:
-        """Finish what is queued, then stop: accepted requests are answered, not dropped."""
-        while not self.queue.empty() or self._pending is not None:
+        """Finish what is queued and the batch in progress, then stop: accepted requests are answered, not dropped."""
+        while not self.queue.empty() or self._pending is not None or self._busy:
             await asyncio.sleep(0.005)
         if self._task:
             self._task.cancel()
@@ -113,6 +114,7 @@ class MicroBatcher:
             first, self._pending = self._pending, None
         else:
             first = await self.queue.get()
+        self._busy = True  # from the first item taken until the batch is answered: stop() waits for it
         batch, rows = [first], first.rows
         deadline = time.perf_counter() + self.max_wait
         while rows < self.max_batch_size:
@@ -136,25 +138,31 @@ class MicroBatcher:
     async def _run(self) -> None:
         while True:
             batch = await self._collect()
-            started = time.perf_counter()
-            # Group by model: after a hot reload, requests routed to the old model finish on the old model.
-            groups: dict[int, list[_Item]] = {}
-            for item in batch:
-                groups.setdefault(id(item.handle), []).append(item)
-            for items in groups.values():
-                await self._run_group(items, started)
+            try:
+                # Group by model: after a hot reload, requests routed to the old model finish on the old model.
+                groups: dict[int, list[_Item]] = {}
+                for item in batch:
+                    groups.setdefault(id(item.handle), []).append(item)
+                for items in groups.values():
+                    await self._run_group(items)
+            finally:
+                self._busy = False
 
-    async def _run_group(self, items: list[_Item], started: float) -> None:
+    async def _run_group(self, items: list[_Item]) -> None:
         handle = items[0].handle
         pixels = [p for it in items for p in it.pixels]
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
             probs, prep_s, infer_s = await loop.run_in_executor(self._executor, _preprocess_and_infer, handle, pixels)
         except Exception as exc:  # any failure must reach the waiting requests, not kill the worker
             if len(items) > 1:
                 # One request's bad input must not fail the others it was batched with: run each on its own.
+                log.warning("a batch of %d images failed (%s: %s); retrying its %d requests one by one",
+                            len(pixels), type(exc).__name__, exc, len(items))  # fmt: skip
                 for it in items:
-                    await self._run_group([it], started)
+                    if not it.future.done():  # the client may have gone away
+                        await self._run_group([it])
                 return
             log.exception("inference failed for a batch of %d", len(pixels))
             if not items[0].future.done():

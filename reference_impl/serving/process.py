@@ -193,20 +193,32 @@ class ServerThread:
         errors = _ErrorRecorder()
         uv_logger = logging.getLogger("uvicorn.error")
         uv_logger.addHandler(errors)
-        # daemon: if the process exits without stop(), the thread must not keep it alive (atexit still stops it).
+        # daemon: a thread left running must not keep the process alive at exit. Stop it yourself (or register
+        # server.stop with atexit, as the labs do) so the last prediction-log records are flushed.
         self.thread = threading.Thread(target=self._serve, name=f"inference-server-{self.port}", daemon=True)
-        thread = self.thread
+        server, thread = self.server, self.thread
         self.returncode = None
+        deadline = time.monotonic() + self.ready_timeout_s
+
+        def died() -> str | None:
+            if thread.is_alive():
+                return None
+            return f"server stopped before becoming ready: {errors.last or 'see the uvicorn log above'}"
+
         try:
-            self.thread.start()
-
-            def died() -> str | None:
-                if thread.is_alive():
-                    return None
-                return f"server stopped before becoming ready: {errors.last or 'see the uvicorn log above'}"
-
-            if wait_until_ready(self.url, self.ready_timeout_s, died):
+            thread.start()
+            # uvicorn loads the app (the model) before it binds the port. Poll HTTP only once it listens, so that
+            # another process on this port can never be mistaken for our server.
+            while not server.started and time.monotonic() < deadline:
+                failure = died()
+                if failure is not None:
+                    raise RuntimeError(failure)
+                time.sleep(0.05)
+            if server.started and wait_until_ready(self.url, max(deadline - time.monotonic(), 0.5), died):
                 return self
+        except BaseException:  # including Ctrl-C while waiting: never leave a half-started server behind
+            self.stop()
+            raise
         finally:
             uv_logger.removeHandler(errors)
         self.stop()
@@ -220,6 +232,9 @@ class ServerThread:
             # uvicorn ends with sys.exit(3) when the app fails to start (e.g. the model can't be loaded). In a
             # thread that would only print a stray traceback; start() reports the logged cause instead.
             self.returncode = exc.code if isinstance(exc.code, int) else 1
+        except Exception:  # a crash must not read as a graceful stop (returncode 0) later
+            logging.getLogger(__name__).exception("the inference server thread crashed")
+            self.returncode = 1
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """Ask uvicorn to shut down gracefully (what SIGTERM does to the process) and wait for the thread."""

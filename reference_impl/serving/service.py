@@ -109,16 +109,19 @@ def in_canary(request_id: str, fraction: float) -> bool:
 
 # Small PNGs are decoded on the event loop itself. A 64x64 weld PNG (~3 KB) decodes, hashes and yields its statistics
 # in ~0.2 ms, less than the round trip to a worker thread and back costs in CPU and latency. Anything else goes to a
-# thread so that one upload never stalls every other request. "Small" is judged by the pixel count in the PNG header,
-# not by the file size: a 50 KB PNG of zeros can hold 16 million pixels.
+# thread so that one upload never stalls every other request. "Small" means both a small file and few pixels in the
+# PNG header: a 50 KB PNG of zeros can hold 16 million pixels, and a PNG saying 1x1 can carry megabytes of chunks.
 INLINE_DECODE_MAX_PIXELS = 256 * 256
+INLINE_DECODE_MAX_BYTES = 64 * 1024
 
 
-def _small_png(item: DecodedImage | RawFile) -> bool:
+def _decode_inline(item: DecodedImage | RawFile) -> bool:
     if not isinstance(item, RawFile):
-        return True  # already pixels (a v2 tensor): nothing to decode
+        return item.pixels.size <= INLINE_DECODE_MAX_PIXELS  # a v2 tensor: only its statistics are computed
     head = item.payload[:24]
-    if len(head) < 24 or not head.startswith(b"\x89PNG\r\n\x1a\n") or head[12:16] != b"IHDR":
+    if len(item.payload) > INLINE_DECODE_MAX_BYTES or len(head) < 24:
+        return False
+    if not head.startswith(b"\x89PNG\r\n\x1a\n") or head[12:16] != b"IHDR":
         return False
     width, height = struct.unpack(">II", head[16:24])
     return width * height <= INLINE_DECODE_MAX_PIXELS
@@ -207,7 +210,7 @@ class InferenceService:
         canary = challenger is not None and in_canary(request_id, self.config.canary_fraction)
         handle = challenger if canary else champion
         assert handle is not None
-        if len(inputs) == 1 and _small_png(inputs[0]):
+        if len(inputs) == 1 and _decode_inline(inputs[0]):
             prepared = self._prepare(inputs)  # small: decoding takes less time than a hop to a worker thread
         else:
             self._preparing += 1
