@@ -59,11 +59,6 @@ print(json.dumps({"execute_seconds": time.perf_counter() - start}))
 """
 
 
-def _pin_to_core_zero() -> None:
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {0})
-
-
 # Shared libraries that only a CUDA build of torch loads (the nvidia-* wheels, libtorch_cuda, triton).
 _CUDA_LIBRARY = re.compile(
     r"(/nvidia/|libtorch_cuda|libc10_cuda|/triton/|lib(cudart|cublas|cublasLt|cudnn\w*|cufft|cufile|curand|cusparse\w*"
@@ -95,9 +90,11 @@ def measure(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 900
     """Run ``cmd`` on core 0; return wall seconds, peak memory of its process tree (MB) and the JSON it printed."""
     import psutil
 
+    from reference_impl.serving.process import pin_to_cpus
+
     start = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=_pin_to_core_zero)  # fmt: skip
+                             preexec_fn=pin_to_cpus({0}))  # fmt: skip
     proc, peak, peak_rss, peak_without_cuda = psutil.Process(child.pid), 0, 0, 0
     while child.poll() is None:
         try:

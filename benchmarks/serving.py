@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,18 +84,17 @@ def _cpu_split() -> tuple[set[int] | None, set[int] | None]:
     return {cpus[0]}, set(cpus[1:])
 
 
-def _pin(cpus: set[int] | None) -> Callable[[], None] | None:
-    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-
-
 def _mlflow_serve(state_dir: Path, version: str, port: int, cpus: set[int] | None = None) -> subprocess.Popen:
     from reference_impl.services import wait_for_http
+    from reference_impl.serving.process import pin_to_cpus
 
     env = {**os.environ, "MLOPS_STATE_DIR": str(state_dir), "MLFLOW_TRACKING_URI": f"sqlite:///{state_dir}/mlflow.db",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
     cmd = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/weld-defect/{version}",
            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_pin(cpus))
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pin_to_cpus(cpus)
+    )
     if not wait_for_http(f"http://127.0.0.1:{port}/ping", timeout_s=120):
         proc.terminate()
         raise RuntimeError("mlflow models serve did not become ready")
@@ -135,7 +133,7 @@ def run(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
     from reference_impl.loadtest import run_load
     from reference_impl.loop import baseline_bundle
     from reference_impl.registry import Registry
-    from reference_impl.serving.process import ServerProcess, free_port
+    from reference_impl.serving.process import ServerProcess, free_port, pin_to_cpus
     from reference_impl.settings import Settings
 
     n = 150 if quick else 600
@@ -179,7 +177,7 @@ def run(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
                     [sys.executable, "-c", _IN_PROCESS, str(bundle_dir), str(n), str(REPO)],
                     capture_output=True,
                     text=True,
-                    preexec_fn=_pin(server_cpus),
+                    preexec_fn=pin_to_cpus(server_cpus),
                     check=True,
                 )
                 ip = json.loads(child.stdout.strip().splitlines()[-1])

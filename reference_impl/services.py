@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from .settings import Settings
@@ -29,16 +30,23 @@ def mlflow_server_command(settings: Settings, host: str, port: int) -> list[str]
     ]  # fmt: skip
 
 
-def wait_for_http(url: str, timeout_s: float = 60.0) -> bool:
-    """Poll ``url`` until it answers 200 or the timeout passes."""
+def wait_for_http(url: str, timeout_s: float = 60.0, failed: Callable[[], str | None] | None = None) -> bool:
+    """Poll ``url`` until it answers 200 (True) or the timeout passes (False).
+
+    ``failed``, if given, is asked before each attempt whether the server is known to have died; its message is
+    raised as RuntimeError at once instead of waiting for the timeout."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        failure = failed() if failed else None
+        if failure is not None:
+            raise RuntimeError(failure)
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return True
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.3)
+            pass
+        time.sleep(0.2)
     return False
 
 

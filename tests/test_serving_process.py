@@ -161,7 +161,9 @@ def test_server_thread_serves_over_http_and_drains_its_log_on_stop(
         _write(self, batch)
 
     monkeypatch.setattr(predlog.PredictionLog, "_write", slow_write)
-    root_handlers = list(logging.getLogger().handlers)
+    # uvicorn's default logging config would add handlers to these loggers (and reset their levels)
+    watched = ("", "uvicorn", "uvicorn.access")
+    handlers_before = {name: list(logging.getLogger(name).handlers) for name in watched}
     settings = Settings(state_dir=tmp_path / "state")
     server = ServerThread(settings, ServingConfig(bundle_path=str(bundle_dir), admin_key=ADMIN_KEY, device="cpu"))
     with server:
@@ -178,7 +180,8 @@ def test_server_thread_serves_over_http_and_drains_its_log_on_stop(
     expected = serving_predictor.predict(list(weld_images.images)).labels
     assert [a.json()["label"] for a in answers] == [expected[i % len(weld_pngs)] for i in range(N_V1)]
     assert len(read_predictions(tmp_path / "state" / "predictions.db")) == N_V1
-    assert logging.getLogger().handlers == root_handlers, "starting a server must not reconfigure the host's logging"
+    handlers_after = {name: list(logging.getLogger(name).handlers) for name in watched}
+    assert handlers_after == handlers_before, "starting a server must not reconfigure the host's logging"
     assert server.stop() == 0, "a second stop is harmless"
 
 

@@ -1,10 +1,11 @@
 """Micro-batching: gather concurrent requests into one forward pass. Chapter: "Serving predictions".
 
 Every call into the model has a fixed cost (Python, operator dispatch, memory traffic) on top of the work per
-image, so when requests arrive together we run them together: both the preprocessing pipeline (about 0.13 ms per
-call whether it gets 1 image or 16, measured on this course's model) and the forward pass. The first request of a
-batch waits at most ``max_wait_ms`` for others; the batch never exceeds ``max_batch_size`` images. This is the
-throughput/latency trade-off of dynamic batching (as in Triton or TorchServe), in about a hundred lines.
+image, so when requests arrive together we run them together: both the preprocessing pipeline (measured on this
+course's model: 0.13 ms for 1 image, 0.20 ms for 16 stacked, 2.1 ms for 16 one by one) and the forward pass.
+The first request of a batch waits at most ``max_wait_ms`` for others; the batch never exceeds ``max_batch_size``
+images. This is the throughput/latency trade-off of dynamic batching (as in Triton or TorchServe), in about a
+hundred lines.
 
 One worker task feeds one inference thread: the event loop keeps accepting requests while the model computes, and
 the model never runs two batches at once (which on a small CPU would only make both slower).

@@ -21,12 +21,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
+
+from ..services import wait_for_http
 
 if TYPE_CHECKING:
     import uvicorn
@@ -42,27 +42,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until_ready(url: str, timeout_s: float, still_starting: Callable[[], str | None]) -> bool:
-    """Poll ``/v2/health/ready`` until it answers 200 (True) or ``timeout_s`` passes (False).
-
-    ``still_starting`` returns an error message once the server is known to have died, which is raised at once
-    instead of waiting for the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        failure = still_starting()
-        if failure is not None:
-            raise RuntimeError(failure)
-        try:
-            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as response:
-                if response.status == 200:
-                    return True
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.2)
-    return False
+def pin_to_cpus(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that pins a child process (and every thread it starts) to ``cpus``, as a container's cpuset
+    would; None when there is nothing to pin or the platform cannot (sched_setaffinity is Linux only)."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
-class ServerProcess:
+class _StartStop:
+    """``with server:`` starts it and always stops it, so a server never outlives the block that started it."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class ServerProcess(_StartStop):
     def __init__(
         self,
         args: Sequence[str] = (),
@@ -95,10 +101,8 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "reference_impl", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                *self.args]  # fmt: skip
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        cpus = self.cpus
-        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT if self.log_path else None,
-                                     preexec_fn=pin)  # fmt: skip
+                                     preexec_fn=pin_to_cpus(self.cpus))  # fmt: skip
         proc = self.proc
 
         def exited() -> str | None:
@@ -106,7 +110,7 @@ class ServerProcess:
                 return None
             return f"server exited with status {proc.returncode} before becoming ready (command: {' '.join(cmd)})"
 
-        if wait_until_ready(self.url, self.ready_timeout_s, exited):
+        if wait_for_http(f"{self.url}/v2/health/ready", self.ready_timeout_s, exited):
             return self
         self.stop()
         raise TimeoutError(f"server not ready after {self.ready_timeout_s:.0f} s")
@@ -124,14 +128,6 @@ class ServerProcess:
             self.proc.kill()
             self.returncode = self.proc.wait()
         return self.returncode
-
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 class _ErrorRecorder(logging.Handler):
@@ -151,7 +147,7 @@ class _ErrorRecorder(logging.Handler):
             self.last = lines[-1] if lines else None
 
 
-class ServerThread:
+class ServerThread(_StartStop):
     """The inference server on a background thread of this process: same app, same uvicorn, real HTTP.
 
     Settings and serving options are passed as objects (no environment variables, no command line), e.g.
@@ -214,7 +210,9 @@ class ServerThread:
                 if failure is not None:
                     raise RuntimeError(failure)
                 time.sleep(0.05)
-            if server.started and wait_until_ready(self.url, max(deadline - time.monotonic(), 0.5), died):
+            if server.started and wait_for_http(
+                f"{self.url}/v2/health/ready", max(deadline - time.monotonic(), 0.5), died
+            ):
                 return self
         except BaseException:  # including Ctrl-C while waiting: never leave a half-started server behind
             self.stop()
@@ -247,11 +245,3 @@ class ServerThread:
         elif self.returncode is None:
             self.returncode = 0
         return self.returncode
-
-    def __enter__(self) -> ServerThread:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -110,7 +110,7 @@ def in_canary(request_id: str, fraction: float) -> bool:
 # Small PNGs are decoded on the event loop itself. A 64x64 weld PNG (~3 KB) decodes, hashes and yields its statistics
 # in ~0.2 ms, less than the round trip to a worker thread and back costs in CPU and latency. Anything else goes to a
 # thread so that one upload never stalls every other request. "Small" means both a small file and few pixels in the
-# PNG header: a 50 KB PNG of zeros can hold 16 million pixels, and a PNG saying 1x1 can carry megabytes of chunks.
+# PNG header: a 16 KB PNG of zeros can hold 16 million pixels, and a PNG saying 1x1 can carry megabytes of chunks.
 INLINE_DECODE_MAX_PIXELS = 256 * 256
 INLINE_DECODE_MAX_BYTES = 64 * 1024
 
@@ -191,8 +191,8 @@ class InferenceService:
 
     # ---------------------------------------------------------------------------------------------- predicting
     def _prepare(self, inputs: list[DecodedImage | RawFile]) -> _Prepared:
-        """Decode and compute the logged statistics in ONE worker-thread hop (each hop costs latency). The model's
-        preprocessing runs later, once per micro-batch, on the inference thread (see batcher.py)."""
+        """Decode and compute the logged statistics, all in one go (on a worker thread, or inline for a small PNG).
+        The model's preprocessing runs later, once per micro-batch, on the inference thread (see batcher.py)."""
         images = [decode_file(i.payload, self.config.max_pixels, i.name) if isinstance(i, RawFile) else i
                   for i in inputs]  # fmt: skip
         return _Prepared(images, [im.stats() for im in images])
