@@ -161,8 +161,10 @@ def test_server_thread_serves_over_http_and_drains_its_log_on_stop(
         _write(self, batch)
 
     monkeypatch.setattr(predlog.PredictionLog, "_write", slow_write)
-    # uvicorn's default logging config would add handlers to these loggers (and reset their levels)
+    # uvicorn's default logging config would add handlers to these loggers; access_log=False empties the last one
     watched = ("", "uvicorn", "uvicorn.access")
+    sentinel = logging.NullHandler()  # a handler the host put on uvicorn's access logger must survive
+    logging.getLogger("uvicorn.access").addHandler(sentinel)
     handlers_before = {name: list(logging.getLogger(name).handlers) for name in watched}
     settings = Settings(state_dir=tmp_path / "state")
     server = ServerThread(settings, ServingConfig(bundle_path=str(bundle_dir), admin_key=ADMIN_KEY, device="cpu"))
@@ -181,6 +183,7 @@ def test_server_thread_serves_over_http_and_drains_its_log_on_stop(
     assert [a.json()["label"] for a in answers] == [expected[i % len(weld_pngs)] for i in range(N_V1)]
     assert len(read_predictions(tmp_path / "state" / "predictions.db")) == N_V1
     handlers_after = {name: list(logging.getLogger(name).handlers) for name in watched}
+    logging.getLogger("uvicorn.access").removeHandler(sentinel)
     assert handlers_after == handlers_before, "starting a server must not reconfigure the host's logging"
     assert server.stop() == 0, "a second stop is harmless"
 

@@ -182,9 +182,13 @@ class ServerThread(_StartStop):
         if self.thread is not None and self.thread.is_alive():
             raise RuntimeError(f"this server is already running at {self.url}; stop() it first")
         app = create_app(self.settings, self.config)
-        # log_config=None: leave the host process's logging (e.g. a notebook's) as it is.
+        # Leave the host process's logging (e.g. a notebook's) as it is: log_config=None skips uvicorn's dictConfig,
+        # but with access_log=False uvicorn still empties the "uvicorn.access" logger, so that one is restored.
+        access = logging.getLogger("uvicorn.access")
+        access_handlers, access_propagate = list(access.handlers), access.propagate
         uv_config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, log_level="warning",
                                    access_log=False, timeout_graceful_shutdown=15)  # fmt: skip
+        access.handlers[:], access.propagate = access_handlers, access_propagate
         self.server = uvicorn.Server(uv_config)
         errors = _ErrorRecorder()
         uv_logger = logging.getLogger("uvicorn.error")
