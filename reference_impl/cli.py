@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="bundle directory to create")
     p.add_argument("--data", type=Path, help="class-per-folder dataset (default: generate baseline data)")
     p.add_argument("-n", type=int, default=5000, help="images to generate when --data is not given")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--version", help="model version recorded in the bundle (default: a timestamp)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
 

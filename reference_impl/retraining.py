@@ -866,31 +866,46 @@ def train_challenger(
     *,
     approval: Approval | None,
     policy: Policy | RetrainingPolicy | None = None,
+    champion: Bundle | TrainResult | None = None,
     config: TrainConfig | None = None,
-    init_state: dict | None = None,
     audit: AuditLog | None = None,
 ) -> TrainResult:
     """Train a challenger on ``training_set`` with the same code that trained the champion (chapter: "Retraining").
 
+    ``champion`` given (a loaded bundle or a training result): fine-tune it with :func:`training.fine_tune_config`
+    (or ``config``): the challenger starts from the champion's weights, keeps its preprocessing (the weights were
+    trained on exactly that normalisation), and is distilled towards the champion's answers on the images of the
+    original data (``source == "original"``) so it learns the new condition without forgetting the old one.
+    Without ``champion``: trained from scratch with ``config`` (default ``TrainConfig()``).
+
     Refuses to start without the approval the policy requires: training is cheap, but a challenger nobody signed
     off tends to get promoted anyway.
     """
-    from .training import train_model
+    from .training import TrainConfig, fine_tune_config, train_model
 
     check_approval(approval, policy=policy)
-    result = train_model(training_set.as_training_data(), config, init_state=init_state)
+    if champion is None:
+        result = train_model(training_set.as_training_data(), config or TrainConfig())
+    else:
+        result = train_model(
+            training_set.as_training_data(),
+            config or fine_tune_config(),
+            init_state=champion.model.state_dict(),
+            preprocess=champion.preprocess,
+            rehearsal=[p.source == "original" for p in training_set.provenance],
+        )
     m = result.metrics
     _audit_for(audit).append(
         "training",
         actor="train_challenger",
-        summary=f"challenger trained on {len(training_set)} images in {result.seconds:.1f} s: held-out accuracy "
-        f"{m['accuracy']:.3f} on {m['n']} images",
+        summary=f"challenger {'fine-tuned' if champion is not None else 'trained'} on {len(training_set)} images in "
+        f"{result.seconds:.1f} s: held-out accuracy {m['accuracy']:.3f} on {m['n']} images",
         evidence={
             "training_set": training_set.summary(),
             "config": asdict(result.config),
             "metrics": {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"]},
             "approval": approval.to_dict() if approval else None,
-            "fine_tuned": init_state is not None,
+            "fine_tuned": champion is not None,
         },
     )
     return result
