@@ -10,11 +10,12 @@ PIP_EXTRA := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 # nbgrader and `mlflow models serve` call executables (alembic, uvicorn) that live in the venv.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help venv demo test test-fast lab release bench lint format clean
+.PHONY: help venv demo test test-fast test-cpus lab release bench lint format clean
 
 help:
 	@echo "make demo     run the production loop end to end (creates .venv on first use)"
 	@echo "make test     lint + the whole test suite"
+	@echo "make test-cpus  the demo and grading tests under two emulated CPUs (AVX2, SSE4.1)"
 	@echo "make lab      JupyterLab on labs/"
 	@echo "make release  regenerate labs/ from solutions/ with nbgrader"
 	@echo "make bench    performance and drift measurements (benchmarks/)"
@@ -36,6 +37,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The tests whose outcome depends on training numerics, again under two emulated CPUs: a typical AVX2 laptop and an
+# old SSE4.1 one (oneDNN and ATen then pick those CPUs' kernels). CPU_TESTS narrows it, e.g. CPU_TESTS=tests/test_demo.py
+CPU_TESTS ?= tests/test_demo.py tests/test_grading.py
+test-cpus: $(STAMP)
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest $(PYTEST_ARGS) $(CPU_TESTS)
+	ONEDNN_MAX_CPU_ISA=SSE41 ATEN_CPU_CAPABILITY=default $(PY) -m pytest $(PYTEST_ARGS) $(CPU_TESTS)
 
 lab: $(STAMP)
 	# One state dir for every lab: the baseline model is trained once and shared, not once per lab folder.
