@@ -123,7 +123,13 @@ def _one_run(name: str, champion: Any, golden: Any, seed: int, work: Path,
     from reference_impl import data, training
     from reference_impl.monitoring.review import audit_pick
     from reference_impl.policy import PromotionGate, RetrainingPolicy
-    from reference_impl.retraining import assemble_training_set, evaluate_gate, golden_hashes, train_challenger
+    from reference_impl.retraining import (
+        AuditLog,
+        assemble_training_set,
+        evaluate_gate,
+        golden_hashes,
+        train_challenger,
+    )
 
     sc = SCENARIOS[name]
     condition, severity = sc["condition"]
@@ -160,7 +166,7 @@ def _one_run(name: str, champion: Any, golden: Any, seed: int, work: Path,
     start = time.perf_counter()
     challenger = train_challenger(training_set, approval=None, policy=RetrainingPolicy(approval_required=False),
                                   champion=champion, config=training.fine_tune_config(**config),
-                                  audit=_NullAudit())  # type: ignore[arg-type]  # fmt: skip
+                                  audit=AuditLog(folder / "audit.jsonl"))  # fmt: skip
     seconds = time.perf_counter() - start
     if "recent" in sc:
         n_recent, recent_seed = sc["recent"]
@@ -188,13 +194,6 @@ def _one_run(name: str, champion: Any, golden: Any, seed: int, work: Path,
         new_acc = _metrics(challenger, fresh_new.images, fresh_new.labels)["accuracy"]
         out.update(outcome_margin=new_acc - (base_acc - 0.02), outcome_passed=new_acc >= base_acc - 0.02)
     return out
-
-
-class _NullAudit:
-    """The benchmark keeps no audit log (train_challenger always writes one when it is given one)."""
-
-    def append(self, *args: Any, **kwargs: Any) -> None:
-        return None
 
 
 def _worker(threads: int, seeds: int, scenarios: list[str], recipe: dict[str, Any]) -> None:

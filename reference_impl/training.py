@@ -73,7 +73,7 @@ def fine_tune_config(**overrides: Any) -> TrainConfig:
     - distillation on the rehearsal images (``distill=3``): on the old line the challenger is asked to answer like
       the champion, so the new condition is learned without forgetting the old one. Without it, which golden
       images of a class the challenger loses is decided by the CPU's floating-point kernels (measured:
-      ``python -m benchmarks robustness``; weights 1 and 3 compared there on Lab 4's data, 3 lost fewer).
+      ``python -m benchmarks robustness``).
 
     ``overrides`` change any field, e.g. ``fine_tune_config(seed=1, device="cpu")``.
     """
