@@ -10,13 +10,14 @@ PIP_EXTRA := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 # nbgrader and `mlflow models serve` call executables (alembic, uvicorn) that live in the venv.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help venv demo test test-fast test-cpus lab release bench lint format clean
+.PHONY: help venv demo test test-fast test-cpus lab instructor release bench lint format clean
 
 help:
 	@echo "make demo     run the production loop end to end (creates .venv on first use)"
 	@echo "make test     lint + the whole test suite"
 	@echo "make test-cpus  the demo and grading tests under two emulated CPUs (AVX2, SSE4.1)"
-	@echo "make lab      JupyterLab on labs/"
+	@echo "make lab      the trainee's JupyterLab: labs, rendered chapter, no instructor tools"
+	@echo "make instructor  JupyterLab with nbgrader's formgrader (grading written answers)"
 	@echo "make release  regenerate labs/ from solutions/ with nbgrader"
 	@echo "make bench    performance and drift measurements (benchmarks/)"
 
@@ -45,9 +46,15 @@ test-cpus: $(STAMP)
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest $(PYTEST_ARGS) $(CPU_TESTS)
 	ONEDNN_MAX_CPU_ISA=SSE41 ATEN_CPU_CAPABILITY=default $(PY) -m pytest $(PYTEST_ARGS) $(CPU_TESTS)
 
+# The trainee's JupyterLab (courseware/lab.py): the chapter rendered with the overlay, the repository as the root, no
+# nbgrader instructor tools, one state dir for every lab. LAB_ARGS go to JupyterLab, e.g. LAB_ARGS="--no-browser".
 lab: $(STAMP)
-	# One state dir for every lab: the baseline model is trained once and shared, not once per lab folder.
-	MLOPS_STATE_DIR=$(abspath .mlops) $(VENV)/bin/jupyter lab --notebook-dir=labs
+	$(PY) -m courseware lab $(LAB_ARGS)
+
+# The instructor's JupyterLab: nbgrader's formgrader and assignment tools (INSTRUCTORS.md, step 5).
+# (--allow-root only where make runs as root, e.g. in a container, as the trainee configuration does.)
+instructor: $(STAMP)
+	MLOPS_STATE_DIR=$(abspath .mlops) $(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 release: $(STAMP)
 	$(PY) -m courseware release

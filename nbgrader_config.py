@@ -11,7 +11,17 @@ c.CourseDirectory.source_directory = "solutions"
 c.CourseDirectory.release_directory = "labs"
 # Generated data, trained models and caches inside an assignment folder are not part of the release.
 c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", ".mlops", "*.db"]
-# Labs train small models; a cell may take longer than nbgrader's 30 s default on a 2-core laptop.
-c.Execute.timeout = 300
+# The settings trainees need too (the cell timeout) live in labs/, which trainees have: one value for validate,
+# the Validate button and autograding.
+load_subconfig("labs/nbgrader_config.py")  # noqa: F821
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
+# nbgrader's release pipeline, with ClearSolutions replaced by a subclass whose stub names the exercise
+# (courseware/stubs.py): Run All then stops with "Exercise 2 (...) is not done yet", not a bare NotImplementedError.
+from courseware.stubs import ClearSolutionsNamingTheExercise  # noqa: E402
+from nbgrader.converters import GenerateAssignment  # noqa: E402
+from nbgrader.preprocessors import ClearSolutions  # noqa: E402
+
+c.GenerateAssignment.preprocessors = [
+    ClearSolutionsNamingTheExercise if p is ClearSolutions else p for p in GenerateAssignment.preprocessors.default()
+]
 c.ClearSolutions.text_stub = "YOUR ANSWER HERE"

@@ -4,6 +4,8 @@ release [ids]             regenerate labs/ from solutions/ with nbgrader
 quiz                      regenerate the quiz (solutions/quiz, labs/quiz) and quizzes/self-check.ipynb
 overlay [file]            check the SME overlay and summarise it
 book [--builder B]        render the chapter with the overlay into _build/book and build HTML if possible
+chapter                   render the chapter for JupyterLab into _build/chapter (what the labs link)
+lab [jupyter args]        the trainee's JupyterLab (make lab): rendered chapter, no instructor tools
 collect ID DIR            copy DIR/<student>/ID/*.ipynb into submitted/
 autograde ID [students]   autograde submitted/<student>/ID
 feedback ID [students]    HTML feedback in feedback/<student>/ID
@@ -36,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlay", type=Path, help="overlay file (default: $MLOPS_OVERLAY or the repo's)")
     p.add_argument("--builder", default="auto", choices=("auto", "sphinx", "myst", "none"))
     p.add_argument("--out", type=Path, help="output folder (default: _build/book)")
+    p = sub.add_parser("chapter", help="render the chapter for JupyterLab into _build/chapter (the labs link it)")
+    p.add_argument("--overlay", type=Path, help="overlay file (default: $MLOPS_OVERLAY or the repo's)")
+    p = sub.add_parser("lab", help="start the trainee's JupyterLab (what `make lab` runs); extra arguments go to it")
+    p.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="e.g. --no-browser --port 8890")
     p = sub.add_parser("collect", help="copy <dir>/<student>/<assignment>/*.ipynb into submitted/")
     p.add_argument("assignment")
     p.add_argument("source", type=Path, help="folder with one sub-folder per student")
@@ -81,6 +87,14 @@ def _run(args: argparse.Namespace) -> int:
 
         result = book.build_book(args.overlay, out_dir=args.out or book.BUILD_DIR, builder=args.builder)
         print(result.summary())
+    elif args.command == "chapter":
+        from .jupyter_chapter import write_chapter
+
+        print(f"wrote {write_chapter(args.overlay)}")
+    elif args.command == "lab":
+        from . import lab
+
+        return lab.main(args.jupyter_args)
     elif args.command == "collect":
         from . import instructor
 

@@ -46,7 +46,7 @@ QUIZ_ID = "quiz"
 SELF_CHECK = REPO_ROOT / "quizzes" / "self-check.ipynb"
 SELF_CHECK_IDS = ("c1", "c2", "c3", "c4", "c5")  # the chapter's "Check your understanding" questions
 LETTERS = "ABCD"
-CHAPTER_LINK = "../../chapters/model-deployment-and-monitoring.md"
+CHAPTER_LINK = "../../_build/chapter/model-deployment-and-monitoring.md"
 
 
 class QuizBankError(ValueError):
@@ -375,8 +375,8 @@ options are choices practitioners really make, so read why each is wrong.
 it is the best answer and why. Your **first** answer to each question counts toward the score; afterwards you may
 try the other options to read their explanations. Nothing is recorded or sent anywhere.
 
-Chapter: [Model Deployment and Monitoring](../chapters/model-deployment-and-monitoring.md#sec-quiz). The graded quiz,
-which also covers the labs, is `labs/quiz/quiz.ipynb`.
+Chapter: [Model Deployment and Monitoring](../_build/chapter/model-deployment-and-monitoring.md#sec-quiz). The graded
+quiz, which also covers the labs, is `labs/quiz/quiz.ipynb`.
 """
     code = f"""from courseware.quiz import SelfCheck
 
