@@ -30,11 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -318,7 +314,6 @@ class _Run:
         from .retraining import AuditLog
 
         self.config, self.echo = config, echo
-        self.ctrl_c_pressed: Callable[[], bool] = lambda: False  # run_demo sets it (remember_ctrl_c)
         self.seed = settings.seed if config.seed is None else config.seed
         self.run_id = time.strftime("%Y%m%d-%H%M%S")
         run_dir = settings.state_dir / "demo" / self.run_id
@@ -433,8 +428,6 @@ class _Run:
         from .serving.predlog import read_predictions
 
         c = self.config
-        if self.ctrl_c_pressed():  # a Ctrl-C that a library swallowed (see remember_ctrl_c) still stops the run
-            raise KeyboardInterrupt
         w_id = len(self.result.windows) + 1
         sent, errors = line.send(condition, severity)
         predlog = self.settings.state_dir / "predictions.db"
@@ -728,42 +721,12 @@ class _Run:
         return self.result
 
 
-@contextmanager
-def remember_ctrl_c() -> Iterator[Callable[[], bool]]:
-    """Ctrl-C raises ``KeyboardInterrupt`` as usual and is also remembered; yields "was Ctrl-C pressed?".
-
-    A ``KeyboardInterrupt`` can be lost: it is raised wherever the main thread happens to be, and code that catches
-    every exception there (some libraries do, around I/O and worker threads) swallows it, so the demo ran on to the
-    end (seen in tests/test_demo.py's Ctrl-C test and by hand, once in about a dozen runs; which library caught it
-    was not found). Remembering the key press lets the demo stop at the next window whatever happened to the
-    exception. Only the main thread can set signal handlers; from any other thread (or under a handler someone
-    else installed) this changes nothing.
-    """
-    if threading.current_thread() is not threading.main_thread() or (
-        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield lambda: False
-        return
-    pressed = threading.Event()
-
-    def on_ctrl_c(signum: int, frame: Any) -> None:
-        pressed.set()
-        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as without this handler
-
-    signal.signal(signal.SIGINT, on_ctrl_c)
-    try:
-        yield pressed.is_set
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def run_demo(settings: Settings | None = None, config: DemoConfig | None = None, *, echo: bool = True) -> DemoResult:
     """Run the whole production loop (see the module docstring). Ctrl-C stops the server, writes the report of the
     windows completed so far, and re-raises ``KeyboardInterrupt``."""
     run = _Run(settings or Settings.from_env(), config or DemoConfig(), echo)
     try:
-        with remember_ctrl_c() as run.ctrl_c_pressed:
-            return run.run()
+        return run.run()
     except KeyboardInterrupt:
         run.finish(0.0, interrupted=True)  # the server was already stopped by its context manager
         raise
