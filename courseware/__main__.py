@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("chapter", help="render the chapter for JupyterLab into _build/chapter (the labs link it)")
     p.add_argument("--overlay", type=Path, help="overlay file (default: $MLOPS_OVERLAY or the repo's)")
     p = sub.add_parser("lab", help="start the trainee's JupyterLab (what `make lab` runs); extra arguments go to it")
-    p.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="e.g. --no-browser --port 8890")
+    p.epilog = "Every other argument goes to JupyterLab, e.g. --no-browser --port=8890."
     p = sub.add_parser("collect", help="copy <dir>/<student>/<assignment>/*.ipynb into submitted/")
     p.add_argument("assignment")
     p.add_argument("source", type=Path, help="folder with one sub-folder per student")
@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="write grades from the gradebook to CSV")
     p.add_argument("--out", type=Path, default=Path("grades.csv"), help="CSV file (default: grades.csv)")
     p.add_argument("--assignment", action="append", help="only this assignment (repeatable)")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "lab":  # only `lab` passes arguments on (to JupyterLab)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.jupyter_args = extra
 
     from reference_impl.policy import OverlayError
 

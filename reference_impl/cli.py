@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not manifest.exists():
             data.write_dataset(dataset, out)
     result = training.train_model(dataset, training.TrainConfig(epochs=args.epochs, seed=settings.seed,
-                                                                device=settings.device))  # fmt: skip
+                                                                device=settings.device), progress=True)  # fmt: skip
     if args.data:  # real images: no generator for held-out references, so the bundle has no monitoring profile
         bundle = save_bundle(result, args.out, model_name=settings.model_name, model_version=args.version,
                              data_manifest=manifest)  # fmt: skip

@@ -370,7 +370,8 @@ class _Run:
         )
 
         t = time.perf_counter()
-        result = training.train_model(baseline, training.TrainConfig(epochs=c.epochs, seed=self.seed, device=s.device))
+        config = training.TrainConfig(epochs=c.epochs, seed=self.seed, device=s.device)
+        result = training.train_model(baseline, config, progress=self.echo)
         training.save_metrics(result, s.runs_dir / "champion")
         self.result.metrics = result.metrics
         self.step(
@@ -826,13 +827,15 @@ Champion training accuracy {result.metrics.get("accuracy", float("nan")):.2%}.</
     return out
 
 
-def baseline_bundle(settings: Settings | None = None, *, n_images: int = 2000, epochs: int = 10) -> Path:
+def baseline_bundle(
+    settings: Settings | None = None, *, n_images: int = 2000, epochs: int = 10, progress: bool = True
+) -> Path:
     """A trained, packaged baseline model, built once and cached in the state dir.
 
     Labs start from this so a trainee (or the autograder) does not wait for training every time: the first call
     generates data, trains (~40 s on 2 cores) and packages; later calls return the cached bundle after checking
     that it still verifies. The bundle is written to a temporary folder and renamed into place, so an
-    interrupted run never leaves a half-written bundle behind.
+    interrupted run never leaves a half-written bundle behind. ``progress`` shows a bar while it trains.
     """
     import shutil
     import tempfile
@@ -854,7 +857,10 @@ def baseline_bundle(settings: Settings | None = None, *, n_images: int = 2000, e
     data_dir = settings.data_dir / f"baseline-seed{settings.seed}-n{n_images}"
     if not (data_dir / data.MANIFEST_NAME).exists():
         data.write_dataset(images, data_dir)
-    result = training.train_model(images, config)
+    if progress:
+        print(f"Training the baseline model the labs start from ({n_images} images, {epochs} epochs); "
+              "this happens once, later runs reuse it.", flush=True)  # fmt: skip
+    result = training.train_model(images, config, progress=progress)
     settings.bundles_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=settings.bundles_dir))
     package_with_profile(

@@ -228,6 +228,7 @@ def train_model(
     init_state: dict | None = None,
     preprocess: PreprocessSpec | None = None,
     rehearsal: Sequence[bool] | np.ndarray | None = None,
+    progress: bool = False,
 ) -> TrainResult:
     """Train from scratch (or from ``init_state``, for fine-tuning a challenger) and evaluate on the test split.
 
@@ -238,6 +239,10 @@ def train_model(
     trained on inputs normalised with exactly those statistics (re-fitting them on data with new-camera images
     in it would shift every old image the champion knew). ``rehearsal`` marks the images of the old data (one
     bool per image); with ``config.distill > 0`` their outputs are kept close to the starting model's.
+
+    ``progress=True`` shows a progress bar (epochs, validation accuracy, time left): a widget in a notebook, a line
+    on stderr in a terminal (``tqdm.auto`` picks). Training the labs' baseline takes about a minute on one core,
+    and a silent cell that long looks hung.
     """
     import torch
     from torch import nn
@@ -289,6 +294,9 @@ def train_model(
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
     best_state, best_val = None, -1.0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.epochs, desc="training", unit="epoch", disable=not progress)
     for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(len(y["train"]), generator=gen)
@@ -321,9 +329,12 @@ def train_model(
         )
         history.append({"epoch": epoch + 1, "loss": total_loss / len(y["train"]), "val_accuracy": val_acc})
         log.info("epoch %d: loss %.4f, val accuracy %.4f", epoch + 1, history[-1]["loss"], val_acc)
+        bar.set_postfix(val_accuracy=f"{val_acc:.3f}")
+        bar.update()
         if not val_acc <= best_val:  # also true for NaN (no validation split): keep the latest
             best_val = val_acc
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    bar.close()
     assert best_state is not None
     model.load_state_dict(best_state)
     model.to("cpu").eval()

@@ -191,8 +191,11 @@ def test_a_failed_gate_keeps_the_champion_and_the_demo_tries_again(tmp_path: Pat
 def test_ctrl_c_stops_the_server_and_a_second_run_gets_its_own_folder(
     state: Path, env: dict[str, str], first_run: tuple[subprocess.CompletedProcess[str], Path]
 ) -> None:
+    # A shell starts background commands with Ctrl-C ignored, and children inherit that: under `make test &` the
+    # demo would then rightly ignore SIGINT (and this test failed). Give it a terminal's foreground disposition.
     proc = subprocess.Popen(demo_command(state), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=state)  # fmt: skip
+                            env=env, cwd=state,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     url = None
     deadline = time.monotonic() + 300
     assert proc.stdout is not None

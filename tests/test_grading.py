@@ -138,12 +138,24 @@ def _autograde_with_no_errors(course: grading.GradingCourse, aid: str, student: 
     return report
 
 
+def _stderr_of(aid: str, course: grading.GradingCourse, student: str) -> dict[str, str]:
+    """What each cell of an autograded notebook wrote to stderr (a trainee sees it as red-tinted noise)."""
+    graded = json.loads((course.workdir / "autograded" / student / aid / f"{aid}.ipynb").read_text())
+    found = {}
+    for i, cell in enumerate(_cells(graded)):
+        text = "".join("".join(o.get("text", "")) for o in cell.get("outputs", []) if o.get("name") == "stderr")
+        if text.strip():
+            found[_nbgrader(cell).get("grade_id") or f"cell {i}"] = text[:600]
+    return found
+
+
 @pytest.mark.slow
 @pytest.mark.grading
 @pytest.mark.parametrize("aid", ASSIGNMENTS)
 def test_solution_scores_full_marks(aid: str, course: grading.GradingCourse, shared_state: Path) -> None:
     nb = grading.load_notebook(REPO / "solutions" / aid / f"{aid}.ipynb")
     report = _autograde_with_no_errors(course, aid, "solution", nb)
+    assert not (noise := _stderr_of(aid, course, "solution")), f"{aid}: stderr output, top to bottom: {noise}"
     assert report.auto_max >= 10, f"{aid}: at least 10 autograded points, found {report.auto_max}"
     assert report.auto_score == report.auto_max, f"{aid}: solution failed {report.failed()}"
     assert report.manual, f"{aid}: needs at least one manually graded written answer"

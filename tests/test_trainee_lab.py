@@ -65,6 +65,8 @@ def _assert_trainee_configuration(server) -> None:
     assert server.get("/formgrader")[0] == 404 and server.get("/formgraders")[0] == 404  # server side off too
     viewer = json.loads(server.get("/lab/api/settings/@jupyterlab/docmanager-extension:plugin")[2])
     assert viewer["schema"]["properties"]["defaultViewers"]["default"]["markdown"] == "Markdown Preview"
+    news = json.loads(server.get("/lab/api/settings/@jupyterlab/apputils-extension:notification")[2])
+    assert news["schema"]["properties"]["fetchNews"]["default"] == "false", "no news pop-up (and no request out)"
 
 
 def test_binder_start_serves_the_trainee_jupyterlab(tmp_path: Path) -> None:
@@ -268,6 +270,7 @@ def test_make_lab_in_a_real_browser(tmp_path: Path, shared_state: Path) -> None:
             expect(index).to_be_visible(timeout=120_000)
             page.wait_for_timeout(1000)
             page.screenshot(path=str(SCREENSHOTS / "labs-index.png"))
+            assert page.get_by_text("Would you like to get notified about official Jupyter news?").count() == 0
             menus = page.locator(".lm-MenuBar-itemLabel").all_inner_texts()
             assert "Run" in menus and not any("nbgrader" in m.lower() for m in menus), menus
             assert page.locator(".lm-TabBar-tab[title*='Assignment'], .lm-TabBar-tab[title*='Courses']").count() == 0
