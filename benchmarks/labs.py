@@ -39,6 +39,16 @@ REPO = Path(__file__).resolve().parent.parent
 TARGET_SECONDS = 120.0
 TARGET_MEMORY_MB = 1536.0
 
+
+def _course_cell_timeout() -> int:
+    """nbgrader's cell timeout for validate and autograde, read from the file trainees have (labs/)."""
+    from traitlets.config.loader import PyFileConfigLoader
+
+    return int(PyFileConfigLoader("nbgrader_config.py", path=str(REPO / "labs")).load_config().Execute.timeout)
+
+
+CELL_TIMEOUT_S = _course_cell_timeout()  # every cell must finish within it on one core
+
 _EXECUTE = """
 import json, sys, time
 import nbformat
@@ -47,7 +57,16 @@ path = sys.argv[1]
 nb = nbformat.read(path, as_version=4)
 start = time.perf_counter()
 NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": sys.argv[2]}}).execute()
-print(json.dumps({"execute_seconds": time.perf_counter() - start}))
+from datetime import datetime
+def took(cell):  # nbclient records when the kernel started and finished each cell
+    t = cell.metadata.get("execution", {})
+    if "iopub.execute_input" not in t or "shell.execute_reply" not in t:
+        return 0.0
+    parse = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))
+    return (parse(t["shell.execute_reply"]) - parse(t["iopub.execute_input"])).total_seconds()
+slowest = max(nb.cells, key=took)
+print(json.dumps({"execute_seconds": time.perf_counter() - start, "slowest_cell_seconds": took(slowest),
+                  "slowest_cell": slowest.metadata.get("nbgrader", {}).get("grade_id", "?")}))
 """
 
 _PRETRAIN = """
@@ -144,9 +163,11 @@ def run(quick: bool = False) -> dict[str, Any]:
             nb = work / f"{aid}.ipynb"
             print(f"{aid}: running the solution notebook on 1 core ...", flush=True)
             r = measure([sys.executable, "-c", _EXECUTE, str(nb), str(work)], env, work)
-            r["within_targets"] = r["wall_seconds"] <= TARGET_SECONDS and r[memory_key] <= TARGET_MEMORY_MB
+            r["within_targets"] = (r["wall_seconds"] <= TARGET_SECONDS and r[memory_key] <= TARGET_MEMORY_MB
+                                   and r["slowest_cell_seconds"] < CELL_TIMEOUT_S)  # fmt: skip
             out["labs"][aid] = r
-            print(f"  {r['wall_seconds']:.1f} s wall ({r['execute_seconds']:.1f} s executing), "
+            print(f"  {r['wall_seconds']:.1f} s wall ({r['execute_seconds']:.1f} s executing; slowest cell "
+                  f"{r['slowest_cell']} {r['slowest_cell_seconds']:.1f} s, course timeout {CELL_TIMEOUT_S} s), "
                   f"peak {r['peak_mb']:.0f} MB ({r['peak_mb_without_cuda_libraries']:.0f} MB without CUDA libraries)",
                   flush=True)  # fmt: skip
 

@@ -43,6 +43,14 @@ def _as_bytes(item: Any) -> bytes:
 class WeldDefectModel(PythonModel):
     """Loads the bundle once per process; predicts with the bundle's own preprocessing."""
 
+    # MLflow 3 reads predict()'s type hints when this class is defined, to validate inputs, and warns on stderr when
+    # there are none (in every lab that registers a model). The input may be a DataFrame with an ``image`` column, an
+    # array or a list, and decode_image rejects a bad image with a clear message; the hints MLflow accepts
+    # (list[...]) would make it convert the DataFrame first. This flag is MLflow's own switch for "no type-hint
+    # validation" (its ChatModel uses it); if it ever goes away, only the warning comes back, and
+    # tests/test_grading.py's clean-stderr check says so.
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         from reference_impl.inference import Predictor
         from reference_impl.packaging import load_bundle

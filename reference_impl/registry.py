@@ -86,6 +86,9 @@ class Registry:
 
     def __init__(self, settings: Settings | None = None) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep logs and notebooks readable
+        # MLflow logs each one-off migration of a new SQLite registry at INFO ("Creating initial MLflow database
+        # tables..."): on stderr, in red in a notebook, for something that is not a problem. Warnings still show.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         import mlflow
         from mlflow import MlflowClient
 
@@ -114,6 +117,8 @@ class Registry:
         Tags record what a reviewer needs without opening the artifact: metrics, the training-data manifest hash,
         the bundle's own hash and its verification status.
         """
+        from mlflow.exceptions import MlflowException
+
         bundle_dir = Path(bundle_dir)
         verify_bundle(bundle_dir)  # never register something we could not load later
         meta = json.loads((bundle_dir / "metadata.json").read_text())
@@ -131,9 +136,15 @@ class Registry:
                 python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                 artifacts={"bundle": str(bundle_dir)},
                 pip_requirements=requirements,
-                registered_model_name=self.name,
             )
-        version = str(info.registered_model_version)
+        # The client, not log_model(registered_model_name=...): the fluent path prints "Successfully registered
+        # model" / "Created version" to stderr on every registration.
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            self.client.create_registered_model(self.name)
+        mv = self.client.create_model_version(self.name, info.model_uri, run_id=info.run_id, model_id=info.model_id)
+        version = str(mv.version)
         tags = {
             "bundle_sha256": bundle_sha,
             "bundle_model_version": str(meta.get("model_version")),

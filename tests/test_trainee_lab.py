@@ -319,6 +319,15 @@ def test_make_lab_in_a_real_browser(tmp_path: Path, shared_state: Path) -> None:
             expect(error).to_contain_text("Exercise 1 (is the latency SLO met?) is not done yet")
             error.scroll_into_view_if_needed()
             page.screenshot(path=str(SCREENSHOTS / "run-all-stops-at-exercise-1.png"))
+
+            # The Validate button (nbgrader's server extension, started by make lab) uses the course's timeout and
+            # names the failing cells; nbgrader's 30 s default would interrupt Lab 3's setup instead.
+            page.locator(".jp-Toolbar-item button, .jp-ToolbarButtonComponent", has_text="Validate").first.click()
+            dialog = page.locator(".jp-Dialog")
+            expect(dialog).to_contain_text("The following cell failed:", timeout=600_000)
+            expect(dialog).to_contain_text("is not done yet")
+            assert "Timeout" not in dialog.inner_text() and "timed out" not in dialog.inner_text().lower()
+            page.screenshot(path=str(SCREENSHOTS / "validate-names-failing-cells.png"))
         finally:
             browser.close()
             time.sleep(0.5)
