@@ -42,6 +42,17 @@ class Lab:
         except urllib.error.HTTPError as exc:
             return exc.code, dict(exc.headers), exc.read().decode(errors="replace")
 
+    def post_json(self, path: str, body: dict, timeout: float = 600) -> tuple[int, dict]:
+        """POST a JSON body with the token (what JupyterLab's front end does for a button such as Validate)."""
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Authorization": f"token {TOKEN}",
+                                                  "Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.loads(response.read().decode())
+        except urllib.error.HTTPError as exc:
+            return exc.code, {"error": exc.read().decode(errors="replace")}
+
     def page_config(self, path: str = "/lab") -> dict:
         """The configuration JupyterLab renders into its page (what the browser's JupyterLab actually reads)."""
         status, _, html = self.get(path)
