@@ -834,9 +834,9 @@ def baseline_bundle(
 
     Labs start from this so a trainee (or the autograder) does not wait for training every time: the first call
     generates data, trains and packages (93 s on one idle core, measured; less on more) and later calls return the
-    cached bundle after checking
-    that it still verifies. The bundle is written to a temporary folder and renamed into place, so an
-    interrupted run never leaves a half-written bundle behind. ``progress`` shows a bar while it trains.
+    cached bundle after checking that it still verifies. The bundle is written to a temporary folder and renamed
+    into place, so an interrupted run never leaves a half-written bundle behind. ``progress`` shows a bar while it
+    trains.
     """
     import shutil
     import tempfile
