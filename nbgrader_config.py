@@ -16,10 +16,12 @@ c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedb
 load_subconfig("labs/nbgrader_config.py")  # noqa: F821
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 # nbgrader's release pipeline, with ClearSolutions replaced by a subclass whose stub names the exercise
-# (courseware/stubs.py): Run All then stops with "Exercise 2 (...) is not done yet", not a bare NotImplementedError.
-from courseware.stubs import ClearSolutionsNamingTheExercise  # noqa: E402
+# (courseware/stubs.py): an unfinished exercise says "Exercise 2 (...) is not done yet", not a bare
+# NotImplementedError, and its cells are tagged so Run All goes on with the parts that do not need it.
 from nbgrader.converters import GenerateAssignment  # noqa: E402
 from nbgrader.preprocessors import ClearSolutions  # noqa: E402
+
+from courseware.stubs import ClearSolutionsNamingTheExercise  # noqa: E402
 
 c.GenerateAssignment.preprocessors = [
     ClearSolutionsNamingTheExercise if p is ClearSolutions else p for p in GenerateAssignment.preprocessors.default()

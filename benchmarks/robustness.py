@@ -186,13 +186,16 @@ def _one_run(name: str, champion: Any, golden: Any, seed: int, work: Path,
     worst = max(drops, key=drops.__getitem__)
     out = {"scenario": name, "seed": seed, "passed": gate.passed, "max_drop": drops[worst], "worst_class": worst,
            "tolerance": sc["tolerance"], "recent_gain": gate.numbers["recent"]["gain"],
-           "train_seconds": seconds}  # fmt: skip
+           "train_seconds": seconds,
+           "val_history": [round(h["val_accuracy"], 4) for h in challenger.history]}  # fmt: skip
     if sc.get("outcome"):  # Lab 5's graded outcome: accuracy on the new material back within 2 points
         fresh_new = data.generate(600, seed=777, condition=condition, severity=severity)
         fresh_base = data.generate(600, seed=778)
         base_acc = _metrics(champion, fresh_base.images, fresh_base.labels)["accuracy"]
         new_acc = _metrics(challenger, fresh_new.images, fresh_new.labels)["accuracy"]
-        out.update(outcome_margin=new_acc - (base_acc - 0.02), outcome_passed=new_acc >= base_acc - 0.02)
+        v1_new_acc = _metrics(champion, fresh_new.images, fresh_new.labels)["accuracy"]
+        out.update(outcome_margin=new_acc - (base_acc - 0.02), outcome_passed=new_acc >= base_acc - 0.02,
+                   baseline_accuracy=base_acc, new_accuracy=new_acc, champion_new_accuracy=v1_new_acc)  # fmt: skip
     return out
 
 
@@ -238,7 +241,9 @@ def _sweep(profile: str, threads: int, seeds: int, scenarios: list[str], recipe:
         rows.append(row)
         print(f"  [{profile} t{threads}] {row['scenario']:<9} seed {row['seed']}: "
               f"{'PASS' if row['passed'] else 'FAIL'} largest drop {row['max_drop']:+.4f} ({row['worst_class']}), "
-              f"recent gain {row['recent_gain']:+.3f}, {row['train_seconds']:.0f} s", flush=True)  # fmt: skip
+              f"recent gain {row['recent_gain']:+.3f}, {row['train_seconds']:.0f} s"
+              + (f"; new material {row['champion_new_accuracy']:.3f} -> {row['new_accuracy']:.3f} (baseline "
+                 f"{row['baseline_accuracy']:.3f})" if "new_accuracy" in row else ""), flush=True)  # fmt: skip
     if proc.wait() != 0:
         raise RuntimeError(f"the {profile} / {threads}-thread worker failed (exit {proc.returncode})")
     return rows

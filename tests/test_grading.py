@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from courseware import grading
+from courseware.stubs import CONTINUE_TAG, runs_past_exercises
 
 REPO = grading.REPO_ROOT
 ASSIGNMENTS = grading.assignments()
@@ -174,6 +175,30 @@ def test_untouched_release_scores_zero(aid: str, course: grading.GradingCourse, 
     assert report.auto_score == 0, (
         f"{aid}: the blank release earned points in {[k for k, v in report.cells.items() if v[0]]}"
     )
+    _run_all_of_a_blank_lab_behaves(aid, json.loads((course.workdir / "autograded" / "blank" / aid /
+                                                     f"{aid}.ipynb").read_text()))  # fmt: skip
+
+
+def _run_all_of_a_blank_lab_behaves(aid: str, graded: dict) -> None:
+    """What a trainee's Run All does on the untouched lab (autograding ran every cell, as Run All would with the
+    release's ``raises-exception`` tags honoured; JupyterLab stops at the first error of an untagged cell).
+
+    A lab whose parts do not need the exercises: only exercise cells (tagged) fail, so every part runs. The
+    capstone (opted out): its first error is the first exercise's own "not done yet" message."""
+    failing = []
+    for cell in _cells(graded):
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        if cell["cell_type"] == "code" and errors:
+            failing.append((_nbgrader(cell).get("grade_id"), cell["metadata"].get("tags", []), errors[0]))
+    assert failing, f"{aid}: the blank release ran without a single error"
+    if runs_past_exercises(graded):
+        stopping = [(gid, e["ename"]) for gid, tags, e in failing if CONTINUE_TAG not in tags]
+        assert not stopping, f"{aid}: Run All of the blank lab would stop in a cell that is no exercise's: {stopping}"
+    else:
+        gid, tags, error = failing[0]
+        assert CONTINUE_TAG not in tags and "Exercise 1 (" in error["evalue"] and "not done yet" in error["evalue"], (
+            f"{aid}: Run All must stop at Exercise 1 with its name; the first error is {gid}: {error['evalue'][:200]}"
+        )
 
 
 @pytest.mark.slow

@@ -537,3 +537,19 @@ def test_review_cli(isolated_state: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["review", "stats"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert (stats["labelled"], stats["pending"], stats["labelled_by"]) == (1, 1, {"ana": 1})
+
+
+def test_the_panel_says_only_what_is_known_of_a_hand_queued_item(isolated_state: Path) -> None:
+    """An item queued without a model version, prediction or confidence (e.g. an image a supervisor sends for
+    review) shows no "model None predicted None"."""
+    pytest.importorskip("ipywidgets")
+    from reference_impl.monitoring.review_widget import ReviewPanel
+
+    queue = ReviewQueue(Settings.from_env(), CLASSES)
+    queue.enqueue(sha("by hand"), reason="random_audit")
+    queue.enqueue(sha("versioned"), reason="low_confidence", model_version="3", predicted_label="crack",
+                  confidence=0.41)  # fmt: skip
+    panel = ReviewPanel(queue, "ana")  # the low-confidence item comes first
+    assert "model 3 predicted <b>crack</b> with confidence 41.0%" in panel.info.value
+    panel.buttons["good"].click()
+    assert "None" not in panel.info.value and "no model prediction recorded" in panel.info.value

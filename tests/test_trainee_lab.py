@@ -23,7 +23,7 @@ import yaml
 from labserver import TOKEN, jupyter_args, running_lab
 
 from courseware import book, jupyter_chapter, lab
-from courseware.stubs import exercise_name
+from courseware.stubs import CONTINUE_TAG, exercise_name
 
 REPO = Path(__file__).resolve().parent.parent
 INSTRUCTOR_PLUGINS = {f"@jupyter/nbgrader:{p}" for p in ("menu", "formgrader", "create-assignment", "course-list",
@@ -265,7 +265,11 @@ def test_make_lab_in_a_real_browser(tmp_path: Path, shared_state: Path) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     review_state = tmp_path / "review-state"
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(REVIEW_NOTEBOOK.format(state=str(review_state)))])
+    # First an unfinished exercise as a release tags it (courseware/stubs.py): Run All must go past its error.
+    unfinished = nbformat.v4.new_code_cell('raise NotImplementedError("Exercise 9 (browser check) is not done yet")')
+    unfinished.metadata["tags"] = [CONTINUE_TAG]
+    review = nbformat.v4.new_code_cell(REVIEW_NOTEBOOK.format(state=str(review_state)))
+    nb = nbformat.v4.new_notebook(cells=[unfinished, review])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, scratch / "review-panel.ipynb")
     # The lab is run from a copy, so JupyterLab's autosave cannot write outputs into the released notebook.
@@ -302,9 +306,12 @@ def test_make_lab_in_a_real_browser(tmp_path: Path, shared_state: Path) -> None:
             assert "{term}" not in body.inner_text() and "{{" not in body.inner_text()
             page.screenshot(path=str(SCREENSHOTS / "chapter.png"))
 
-            # The review panel renders as a widget (image + class buttons); a click records a label.
+            # Run All goes past the tagged unfinished exercise (its message shows), then the review panel renders
+            # as a widget (image + class buttons); a click records a label.
             page.goto(f"{server.url}/lab/tree/_build/browser-test/review-panel.ipynb?token={TOKEN}")
             _run_all(page)
+            expect(page.locator(".jp-OutputArea-output", has_text="Exercise 9 (browser check) is not done yet"
+                                ).first).to_be_visible(timeout=120_000)  # fmt: skip
             button = page.locator(".jupyter-widgets button", has_text="porosity")
             expect(button).to_be_visible(timeout=120_000)
             expect(page.locator(".jupyter-widgets img").first).to_be_visible()

@@ -259,3 +259,20 @@ def test_fine_tune_arguments_are_checked(small_training, fine_tune_data):
         training.train_model(mixed, config, init_state=small_training.model.state_dict(), rehearsal=mask[:-1])
     with pytest.raises(ValueError, match="distill"):
         TrainConfig(distill=-0.5)
+
+
+def test_a_fine_tune_keeps_the_epoch_that_does_both_jobs() -> None:
+    """With rehearsal, the epoch kept is chosen on the mean of the old and the new images' validation accuracy:
+    a few hundred new labels next to 2,000 old images would otherwise count for little."""
+    import torch
+
+    from reference_impl.training import _selection_accuracy
+
+    truth = torch.tensor([0] * 8 + [1] * 2)
+    old = torch.tensor([True] * 8 + [False] * 2)
+    knows_only_old = torch.tensor([0] * 8 + [0] * 2)  # 80% plain accuracy, but nothing of the new condition
+    assert _selection_accuracy(knows_only_old, truth, None) == pytest.approx(0.8)
+    assert _selection_accuracy(knows_only_old, truth, [old, ~old]) == pytest.approx(0.5)
+    learns_new = torch.tensor([0] * 7 + [1] + [1] * 2)  # 90% plain: one old image lost, the new ones learnt
+    assert _selection_accuracy(learns_new, truth, [old, ~old]) == pytest.approx((7 / 8 + 1) / 2)
+    assert np.isnan(_selection_accuracy(torch.tensor([]), torch.tensor([]), None))

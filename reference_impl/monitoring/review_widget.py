@@ -169,12 +169,14 @@ class ReviewPanel:
                 self.image.value = data
             except OSError as exc:  # file deleted or unreadable: the reviewer can still skip it
                 self.no_image.value = f"<i>cannot show the image: {html.escape(str(exc))}</i>"
-        confidence = f"{item.confidence:.1%}" if item.confidence is not None else "n/a"
-        self.info.value = (
-            f"Item <b>{item.id}</b> ({html.escape(item.reason.replace('_', ' '))}) &middot; model "
-            f"{html.escape(str(item.model_version))} predicted <b>{html.escape(str(item.predicted_label))}</b> "
-            f"with confidence {confidence}"
-        )
+        # An item queued by hand (not from the prediction log) may lack the model version, prediction or
+        # confidence: say only what is known rather than "model None predicted None".
+        who = "the model" if item.model_version is None else f"model {html.escape(str(item.model_version))}"
+        said = (f"{who} predicted <b>{html.escape(str(item.predicted_label))}</b>"
+                if item.predicted_label is not None else "no model prediction recorded")  # fmt: skip
+        if item.predicted_label is not None and item.confidence is not None:
+            said += f" with confidence {item.confidence:.1%}"
+        self.info.value = f"Item <b>{item.id}</b> ({html.escape(item.reason.replace('_', ' '))}) &middot; {said}"
 
     def _say(self, text: str, *, error: bool = False) -> None:
         color = "#b00020" if error else "#1b5e20"
