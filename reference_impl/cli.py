@@ -118,8 +118,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .loop import DemoConfig, run_demo
 
+    size = {} if args.images is None else {"n_images": args.images}
     config = DemoConfig(condition=args.condition, severity=args.severity, seed=args.seed, fast=args.fast,
-                        label_noise=args.label_noise)  # fmt: skip
+                        label_noise=args.label_noise, **size)  # fmt: skip
     try:
         result = run_demo(_settings(args), config)
     except KeyboardInterrupt:
@@ -338,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed of the whole run (default: MLOPS_SEED or 0)")
     p.add_argument("--label-noise", type=float, default=0.02, help="share of wrong inspector labels (default 0.02)")
     p.add_argument("--fast", action="store_true", help="small data and windows, same steps (smoke test, ~1 min)")
+    p.add_argument("--images", type=int, metavar="N",
+                   help="baseline images the champion trains on (default 5,000; --fast: 2,000; fewer train faster "
+                        "and give a weaker champion)")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
 
     p = add("generate", cmd_generate, "generate synthetic weld radiographs into a class-per-folder dataset")

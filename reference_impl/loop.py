@@ -116,11 +116,11 @@ class DemoConfig:
                 f"out of range: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
                 "(severity in (0, 1]; noise in [0, 1); fractions in (0, 1))"
             )
-        if min(self.window_size, self.baseline_windows, self.max_drift_windows, self.n_images,
-               self.max_retrain_attempts) < 1:  # fmt: skip
-            raise ValueError(
-                "window_size, baseline_windows, max_drift_windows, max_retrain_attempts and n_images must be >= 1"
-            )
+        if min(self.window_size, self.baseline_windows, self.max_drift_windows, self.max_retrain_attempts) < 1:
+            raise ValueError("window_size, baseline_windows, max_drift_windows and max_retrain_attempts must be >= 1")
+        if self.n_images < 200:  # the champion's train/val/test split needs a few dozen images of every class
+            raise ValueError(f"n_images must be at least 200 (the champion needs enough of every class); "
+                             f"got {self.n_images}")  # fmt: skip
 
 
 @dataclass

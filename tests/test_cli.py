@@ -47,6 +47,12 @@ def test_missing_command_is_a_usage_error():
     assert "command" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_demo_with_too_few_images_says_so_before_doing_anything(tmp_path):
+    proc = run_cli("--state-dir", str(tmp_path / "state"), "demo", "--fast", "--images", "50", cwd=tmp_path)
+    assert proc.returncode == 2 and "n_images must be at least 200" in proc.stderr and "got 50" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "state" / "demo").exists()
+
+
 def test_generate_writes_manifest_and_grid(tmp_path):
     out, grid = tmp_path / "ds", tmp_path / "grid.png"
     proc = run_cli("--seed", "4", "generate", "--out", str(out), "-n", "12", "--condition", "new_lighting",

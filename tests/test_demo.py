@@ -193,8 +193,9 @@ def test_ctrl_c_stops_the_server_and_a_second_run_gets_its_own_folder(
 ) -> None:
     # A shell starts background commands with Ctrl-C ignored, and children inherit that: under `make test &` the
     # demo would then rightly ignore SIGINT (and this test failed). Give it a terminal's foreground disposition.
-    proc = subprocess.Popen(demo_command(state), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=state,
+    # A small champion (600 images): this run is interrupted at its first window, its training is not the point.
+    proc = subprocess.Popen(demo_command(state, "--images", "600"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=state,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     url = None
     deadline = time.monotonic() + 300
