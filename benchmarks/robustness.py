@@ -60,6 +60,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
              "rehearsal": (1500, 1500), "tolerance": 0.02, "traffic_seed": 4100, "recent": (200, 4200)},
     "lab5": {"champion": "labs", "golden": (1000, 3), "condition": ("new_material", 0.7), "windows": (3, 150),
              "rehearsal": (2500, 2000), "tolerance": 0.02, "traffic_seed": 1502, "outcome": True},
+    "lab5_4w": {"champion": "labs", "golden": (1000, 3), "condition": ("new_material", 0.7), "windows": (4, 150),
+             "rehearsal": (2500, 2000), "tolerance": 0.02, "traffic_seed": 1502, "outcome": True},
 }  # fmt: skip
 LABEL_NOISE = 0.02
 HOLDOUT = 0.25

@@ -164,6 +164,19 @@ def test_malformed_overlay_names_key_form_value_and_line(
             load_policy(path)
 
 
+def test_a_label_minimum_the_labs_cannot_reach_is_refused_for_the_course_only(tmp_path: Path) -> None:
+    """1,000 labels is a fine policy for a real line (the reference implementation accepts it), but Labs 4 and 5
+    retrain on 300 and about 460: their retraining could never be approved, and every later cell would fail."""
+    path = edited(tmp_path, ("min_new_labels: 100", "min_new_labels: 1000"))
+    assert load_policy(path).retraining.min_new_labels == 1000
+    with pytest.raises(OverlayError) as info:
+        load_overlay(path)
+    problem = next(p for p in info.value.problems if p.key == "policy.retraining.min_new_labels")
+    assert "is 1000, more than the 300 new labels Lab 4 retrains on" in problem.message
+    assert "sme_slots.retraining_policy" in problem.message and problem.line == line_of(path, "min_new_labels:")
+    assert load_overlay(edited(tmp_path, ("min_new_labels: 100", "min_new_labels: 300"))).policy
+
+
 def test_all_problems_are_reported_in_one_go(tmp_path: Path) -> None:
     path = edited(tmp_path, ("psi_alert: 0.25", "psi_alert: high"), ("cadence_days: 30", "cadence_days: 0"))
     with pytest.raises(OverlayError) as info:
