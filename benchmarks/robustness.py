@@ -19,8 +19,9 @@ recipe) and the full demo's 5,000-image champion. Scenarios (their numbers mirro
   0.06 (the fast test's overlay);
 - ``full_demo``: ``DemoConfig()``: two windows of 200 labels, 5,000-image champion, golden 1,000, tolerance 0.02;
 - ``lab4``: Lab 4's data (300 new-camera labels at 0.4, 1,500 rehearsal images, golden 1,000), tolerance 0.02;
-- ``lab5``: Lab 5's data (new material at 0.7, three windows of 150, rehearsal 2,000 of 2,500, golden 1,000),
-  tolerance 0.02; its outcome check (new-material accuracy within 2 points of the baseline's) is counted too.
+- ``lab5``: Lab 5's data (new material at 0.7, four windows of 150, rehearsal 2,000 of 2,500, golden 1,000),
+  tolerance 0.02; its outcome check (at least 3/4 of the accuracy version 1 lost on the new material recovered,
+  on 1,200 fresh images) is counted too: "margin" is the recovered share above 0.75.
 
 Targets: the gate passes in 100 % of runs of every configuration, and the largest golden recall drop is at most
 half the tolerance in >= 95 % of runs. The gate, the golden sets and the tolerances are the product's own.
@@ -58,13 +59,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                   "rehearsal": (5000, 2000), "tolerance": 0.02},
     "lab4": {"champion": "labs", "golden": (1000, 4000), "condition": ("new_camera", 0.4), "windows": (1, 300),
              "rehearsal": (1500, 1500), "tolerance": 0.02, "traffic_seed": 4100, "recent": (200, 4200)},
-    "lab5": {"champion": "labs", "golden": (1000, 3), "condition": ("new_material", 0.7), "windows": (3, 150),
-             "rehearsal": (2500, 2000), "tolerance": 0.02, "traffic_seed": 1502, "outcome": True},
-    "lab5_4w": {"champion": "labs", "golden": (1000, 3), "condition": ("new_material", 0.7), "windows": (4, 150),
+    "lab5": {"champion": "labs", "golden": (1000, 3), "condition": ("new_material", 0.7), "windows": (4, 150),
              "rehearsal": (2500, 2000), "tolerance": 0.02, "traffic_seed": 1502, "outcome": True},
 }  # fmt: skip
 LABEL_NOISE = 0.02
 HOLDOUT = 0.25
+LAB5_RECOVERY = 0.75  # Lab 5's outcome cell: share of version 1's loss on the new material won back
 
 
 # ---------------------------------------------------------------------------------------------- the worker process
@@ -190,13 +190,14 @@ def _one_run(name: str, champion: Any, golden: Any, seed: int, work: Path,
            "tolerance": sc["tolerance"], "recent_gain": gate.numbers["recent"]["gain"],
            "train_seconds": seconds,
            "val_history": [round(h["val_accuracy"], 4) for h in challenger.history]}  # fmt: skip
-    if sc.get("outcome"):  # Lab 5's graded outcome: accuracy on the new material back within 2 points
-        fresh_new = data.generate(600, seed=777, condition=condition, severity=severity)
-        fresh_base = data.generate(600, seed=778)
+    if sc.get("outcome"):  # Lab 5's graded outcome: >= 3/4 of the accuracy the new material cost is recovered
+        fresh_new = data.generate(1200, seed=777, condition=condition, severity=severity)
+        fresh_base = data.generate(1200, seed=778)
         base_acc = _metrics(champion, fresh_base.images, fresh_base.labels)["accuracy"]
         new_acc = _metrics(challenger, fresh_new.images, fresh_new.labels)["accuracy"]
         v1_new_acc = _metrics(champion, fresh_new.images, fresh_new.labels)["accuracy"]
-        out.update(outcome_margin=new_acc - (base_acc - 0.02), outcome_passed=new_acc >= base_acc - 0.02,
+        recovered = (new_acc - v1_new_acc) / max(base_acc - v1_new_acc, 1e-9)
+        out.update(outcome_margin=recovered - LAB5_RECOVERY, outcome_passed=recovered >= LAB5_RECOVERY,
                    baseline_accuracy=base_acc, new_accuracy=new_acc, champion_new_accuracy=v1_new_acc)  # fmt: skip
     return out
 
