@@ -47,6 +47,12 @@ def lab_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Shared with the other notebook-running tests of this session, so the baseline model is trained only once.
     path = tmp_path_factory.getbasetemp() / "shared-baseline-state"
     path.mkdir(exist_ok=True)
+    # Trained before any kernel starts, as `make autograde` does (courseware/instructor.py): on a slow CPU the first
+    # training would otherwise eat into the first notebook's setup-cell timeout.
+    from reference_impl.loop import baseline_bundle
+    from reference_impl.settings import Settings
+
+    baseline_bundle(Settings(state_dir=path))
     return path
 
 
