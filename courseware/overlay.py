@@ -129,7 +129,7 @@ def load_overlay(path: str | Path | None = None) -> Overlay:
     return Overlay(path, organization, slots, policy)
 
 
-# The most new labels a lab's retraining has: Lab 4 retrains on 300 (Lab 5 collects about 460). A policy asking for
+# The most new labels a lab's retraining has: Lab 4 retrains on 300 (Lab 5 collects about 600). A policy asking for
 # more is valid for a real line, but under it the labs' retraining decision could never say "retrain", approval
 # would refuse ("nothing to approve") and every later cell of Labs 4 and 5 would fail.
 LAB_NEW_LABELS = 300
@@ -141,7 +141,7 @@ def _course_limits(c: Checker, policy: Policy) -> None:
     if n > LAB_NEW_LABELS:
         c.problem("policy.retraining.min_new_labels",
                   f"is {n}, more than the {LAB_NEW_LABELS} new labels Lab 4 retrains on (Lab 5 collects about "
-                  f"460): the labs could never retrain under it. Use {LAB_NEW_LABELS} or less here, and give your "
+                  f"600): the labs could never retrain under it. Use {LAB_NEW_LABELS} or less here, and give your "
                   "production figure in the text of sme_slots.retraining_policy")  # fmt: skip
 
 

@@ -295,9 +295,9 @@ def train_model(
             predict_logits(model, x["train"].flip(-1), device),
         )
     # Which epoch to keep. From scratch: the best validation accuracy. Fine-tuning with rehearsal: the validation
-    # split is mostly old images (2,000 rehearsal vs a few hundred new labels), so plain accuracy would keep an
-    # early epoch that has barely learned the new condition; the mean of the old and the new images' accuracy
-    # weighs both jobs equally (measured: `python -m benchmarks robustness --scenarios lab5`).
+    # split is mostly old images (2,000 rehearsal vs a few hundred new labels), so plain accuracy barely notices
+    # whether the new condition was learnt; the mean of the old and the new images' accuracy weighs both jobs
+    # equally. (`python -m benchmarks robustness` records each run's per-epoch validation history.)
     val_groups = None
     if mask is not None:
         old_val = torch.from_numpy(mask[splits["val"]])

@@ -166,7 +166,7 @@ def test_malformed_overlay_names_key_form_value_and_line(
 
 def test_a_label_minimum_the_labs_cannot_reach_is_refused_for_the_course_only(tmp_path: Path) -> None:
     """1,000 labels is a fine policy for a real line (the reference implementation accepts it), but Labs 4 and 5
-    retrain on 300 and about 460: their retraining could never be approved, and every later cell would fail."""
+    retrain on 300 and about 600: their retraining could never be approved, and every later cell would fail."""
     path = edited(tmp_path, ("min_new_labels: 100", "min_new_labels: 1000"))
     assert load_policy(path).retraining.min_new_labels == 1000
     with pytest.raises(OverlayError) as info:
