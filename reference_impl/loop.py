@@ -741,52 +741,22 @@ def write_report(result: DemoResult, audit: AuditLog) -> Path:
     import base64
     import html
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from reference_impl import figures
 
     run_dir = result.run_dir
     rows = result.windows
     (run_dir / "timeline.json").write_text(json.dumps([asdict(w) for w in rows], indent=2))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-    x = [w.window for w in rows]
-    ax1.plot(x, [w.acc_true for w in rows], "o-", color="black", label="true accuracy (simulation only)")
-    ax1.plot(
-        x,
-        [np.nan if w.acc_est is None else w.acc_est for w in rows],
-        "s--",
-        color="tab:blue",
-        label="estimated from confidence",
-    )
-    ax1.plot(
-        x,
-        [np.nan if w.acc_labelled is None else w.acc_labelled for w in rows],
-        "^:",
-        color="tab:green",
-        label="measured on inspector labels",
-    )
-    ax1.set_ylim(0, 1.05)
-    ax1.set_ylabel("accuracy")
-    ax1.legend(loc="lower left", fontsize=8)
-    # Log scale: a healthy window's PSI is ~0.05, a new camera's ~8; both must be readable on one axis.
-    ax2.bar(x, [max(w.psi_max or 0, 1e-3) for w in rows], color=["tab:red" if w.drift else "tab:gray" for w in rows])
-    ax2.axhline(0.25, color="tab:red", lw=0.8, ls=":")
-    ax2.text(0.5, 0.27, "PSI 0.25 (conventional alert band)", fontsize=7, color="tab:red", va="bottom")
-    ax2.set_yscale("log")
-    ax2.set_ylim(1e-2, 50)
-    ax2.set_ylabel("max PSI vs the champion's\nreference (red: drift)")
-    ax2.set_xlabel("monitoring window")
-    for w in rows:
-        if w.phase != "baseline" and (w.window == 1 or rows[w.window - 2].phase != w.phase):
-            for ax in (ax1, ax2):
-                ax.axvline(w.window - 0.5, color="tab:orange", lw=0.8, ls="--")
-            ax1.text(w.window - 0.45, 1.0, w.phase, fontsize=8, color="tab:orange", va="top")
-    ax1.set_title(f"Production loop: {rows[0].condition if rows else ''} -> {rows[-1].condition if rows else ''}")
-    fig.tight_layout()
-    png = run_dir / "timeline.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    fig = figures.timeline(
+        [w.window for w in rows],
+        {"true accuracy (simulation only)": [w.acc_true for w in rows],
+         "estimated from confidence": [w.acc_est for w in rows],
+         "measured on inspector labels": [w.acc_labelled for w in rows]},
+        [w.psi_max or 0.0 for w in rows],
+        [bool(w.drift) for w in rows],
+        phases=[w.phase for w in rows],
+        title=f"Production loop: {rows[0].condition if rows else ''} -> {rows[-1].condition if rows else ''}",
+    )  # fmt: skip
+    png = figures.save(fig, run_dir / "timeline.png")
 
     def esc(v: Any) -> str:
         return html.escape(str(v))

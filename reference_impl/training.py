@@ -383,23 +383,7 @@ def save_metrics(result: TrainResult, out_dir: str | Path) -> dict[str, Path]:
 
 def plot_confusion(metrics: dict[str, Any], path: str | Path) -> Path:
     """A confusion-matrix heat map with counts: where does the model confuse which defect?"""
-    import matplotlib
+    from reference_impl import figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(metrics["confusion_matrix"])
-    classes = metrics["classes"]
-    fig, ax = plt.subplots(figsize=(4.8, 4.2), dpi=110)
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"test accuracy {metrics['accuracy']:.3f} (n={metrics['n']})")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    title = f"test accuracy {metrics['accuracy']:.3f} (n={metrics['n']})"
+    return figures.save(figures.confusion_matrix(metrics["confusion_matrix"], metrics["classes"], title), path)

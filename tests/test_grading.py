@@ -140,7 +140,7 @@ def _autograde_with_no_errors(course: grading.GradingCourse, aid: str, student: 
         if cell["cell_type"] != "code" or _nbgrader(cell).get("grade"):
             continue  # errors in test cells are what grading is about
         errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
-        if errors and student == "solution":
+        if errors and student.startswith("solution"):
             raise AssertionError(f"{aid}: cell {_nbgrader(cell).get('grade_id')} raised {errors[0].get('ename')}")
     return report
 
@@ -153,19 +153,59 @@ def _stderr_of(aid: str, course: grading.GradingCourse, student: str) -> dict[st
         text = "".join("".join(o.get("text", "")) for o in cell.get("outputs", []) if o.get("name") == "stderr")
         # An alert the lab's monitor raises is what the lab means to show: the log sink writes it to stderr (red,
         # the intended style for an alert). Anything else there is noise a trainee should not have to read past.
-        text = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("ALERT "))
+        # matplotlib says once per machine that it builds its font cache (~/.cache/matplotlib): not the lab's noise.
+        text = "".join(line for line in text.splitlines(keepends=True)
+                       if not line.startswith(("ALERT ", "Matplotlib is building the font cache")))  # fmt: skip
         if text.strip():
             found[_nbgrader(cell).get("grade_id") or f"cell {i}"] = text[:600]
     return found
 
 
+# Plausible edits of an SME to chapters/organization.yaml, each within what `make overlay` accepts: another approver
+# role, a wider gate tolerance, more labels before retraining, another accuracy floor, another alert cool-down. The
+# labs must read every one of these from the policy, so a solution scores full marks under them too. (Not yet here:
+# the serving SLOs; Lab 3's Exercise 1 states 200 ms and 1 % and the server's latency buckets have no edge at, say,
+# 250 ms.)
+SME_EDITS = (
+    ('approvers: ["quality-lead"]', 'approvers: ["change-board"]'),
+    ("max_class_recall_drop: 0.02", "max_class_recall_drop: 0.03"),
+    ("min_new_labels: 100", "min_new_labels: 250"),
+    ("min_accuracy: 0.90", "min_accuracy: 0.88"),
+    ("cooldown_minutes: 30", "cooldown_minutes: 10"),
+)
+
+
+@pytest.fixture(scope="module")
+def sme_overlay(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from courseware.overlay import load_overlay
+
+    text = (REPO / "chapters" / "organization.yaml").read_text()
+    for old, new in SME_EDITS:
+        assert text.count(old) == 1, f"SME_EDITS out of date: {old!r} occurs {text.count(old)} times in the overlay"
+        text = text.replace(old, new)
+    path = tmp_path_factory.mktemp("sme-overlay") / "organization.yaml"
+    path.write_text(text)
+    policy = load_overlay(path).policy  # the same validation as `make overlay`, course limits included
+    assert policy.retraining.approvers == ("change-board",)
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.grading
-@pytest.mark.parametrize("aid", ASSIGNMENTS)
-def test_solution_scores_full_marks(aid: str, course: grading.GradingCourse, shared_state: Path) -> None:
+@pytest.mark.parametrize(
+    ("aid", "overlay"), [(a, "default") for a in ASSIGNMENTS] + [(a, "sme") for a in ASSIGNMENTS if a.startswith("lab")]
+)
+def test_solution_scores_full_marks(
+    aid: str, overlay: str, course: grading.GradingCourse, shared_state: Path, sme_overlay: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The solution scores full marks without any other stderr, under the shipped overlay and an SME's edited one."""
+    student = "solution" if overlay == "default" else "solution-sme"
+    if overlay == "sme":
+        monkeypatch.setenv("MLOPS_OVERLAY", str(sme_overlay))  # every kernel nbgrader starts inherits it
     nb = grading.load_notebook(REPO / "solutions" / aid / f"{aid}.ipynb")
-    report = _autograde_with_no_errors(course, aid, "solution", nb)
-    assert not (noise := _stderr_of(aid, course, "solution")), f"{aid}: stderr output, top to bottom: {noise}"
+    report = _autograde_with_no_errors(course, aid, student, nb)
+    assert not (noise := _stderr_of(aid, course, student)), f"{aid}: stderr output, top to bottom: {noise}"
     assert report.auto_max >= 10, f"{aid}: at least 10 autograded points, found {report.auto_max}"
     assert report.auto_score == report.auto_max, f"{aid}: solution failed {report.failed()}"
     assert report.manual, f"{aid}: needs at least one manually graded written answer"
