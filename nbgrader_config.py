@@ -10,7 +10,8 @@ c.CourseDirectory.course_id = "weld-mlops"
 c.CourseDirectory.source_directory = "solutions"
 c.CourseDirectory.release_directory = "labs"
 # Generated data, trained models and caches inside an assignment folder are not part of the release.
-c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", ".mlops", "*.db"]
+c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", ".mlops", "*.db",
+                            "lab03-evidently-report.html"]  # what running a notebook leaves beside it
 # The settings trainees need too (the cell timeout) live in labs/, which trainees have: one value for validate,
 # the Validate button and autograding.
 load_subconfig("labs/nbgrader_config.py")  # noqa: F821

@@ -162,12 +162,12 @@ def _stderr_of(aid: str, course: grading.GradingCourse, student: str) -> dict[st
 
 
 # Plausible edits of an SME to chapters/organization.yaml, each within what `make overlay` accepts: another approver
-# role, a wider gate tolerance, more labels before retraining, another accuracy floor, another alert cool-down. The
-# labs must read every one of these from the policy, so a solution scores full marks under them too. (Not yet here:
-# the serving SLOs; Lab 3's Exercise 1 states 200 ms and 1 % and the server's latency buckets have no edge at, say,
-# 250 ms.)
+# role, other serving SLOs, a wider gate tolerance, more labels before retraining, another accuracy floor, another
+# alert cool-down. The labs read every one of these from the policy, so a solution scores full marks under them too.
 SME_EDITS = (
     ('approvers: ["quality-lead"]', 'approvers: ["change-board"]'),
+    ("p99_latency_ms_slo: 200", "p99_latency_ms_slo: 250"),
+    ("error_rate_slo: 0.01", "error_rate_slo: 0.02"),
     ("max_class_recall_drop: 0.02", "max_class_recall_drop: 0.03"),
     ("min_new_labels: 100", "min_new_labels: 250"),
     ("min_accuracy: 0.90", "min_accuracy: 0.88"),

@@ -138,7 +138,7 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
     """Build the app. The model loads in the lifespan, so readiness turns true only once it can answer."""
     settings = settings or Settings.from_env()
     config = config or ServingConfig.from_env()
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(latency_slo_s=settings.policy.serving.p99_latency_ms_slo / 1000)
     service = InferenceService(settings, config, metrics)
 
     @asynccontextmanager

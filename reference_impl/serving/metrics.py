@@ -15,7 +15,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, latency_slo_s: float | None = None) -> None:
+        """``latency_slo_s``: the organisation's latency SLO, added as a bucket edge, so the share of requests
+        within the SLO is read off the histogram exactly, whatever value the SME chose (Monitoring: SLOs)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("weld_requests", "HTTP requests by route and status", ["route", "method", "status"],
@@ -25,7 +27,7 @@ class ServerMetrics:
             "Time per stage: queue (waiting for a batch), preprocess (decode + the batch's transform), "
             "inference (forward pass), total (whole request)",
             ["stage"],
-            buckets=LATENCY_BUCKETS,
+            buckets=sorted({*LATENCY_BUCKETS, *((latency_slo_s,) if latency_slo_s else ())}),
             registry=r,
         )
         self.batch_size = Histogram("weld_batch_size", "Images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64),
