@@ -31,16 +31,21 @@ def _contents(cell: types.CellType) -> Any:
 
 
 def borrowed(
-    fn: Callable[..., Any], forbidden: Mapping[str, Any], modules: tuple[types.ModuleType, ...] = ()
+    fn: Callable[..., Any],
+    forbidden: Mapping[str, Any],
+    modules: tuple[types.ModuleType, ...] = (),
+    graded_elsewhere: tuple[Callable[..., Any], ...] = (),
 ) -> list[str]:
     """The ``forbidden`` functions (name -> object) that ``fn`` reaches, sorted; empty when it reaches none.
 
     Reached means: a global name of ``fn`` (or of a function nested in it, or of another function defined in the same
     notebook that it calls, at any depth) is bound to a forbidden object, or names one of ``modules`` while an
-    attribute of that name is used (``drift.psi(...)``).
+    attribute of that name is used (``drift.psi(...)``). ``graded_elsewhere``: the trainee's other graded functions
+    that ``fn`` may call (e.g. ``verify_manifest`` calling ``build_manifest``): not followed, so a borrowing is held
+    against the function that does it, once.
     """
     found: set[str] = set()
-    seen: set[int] = set()
+    seen: set[int] = {id(g.__code__) for g in graded_elsewhere if g is not fn and hasattr(g, "__code__")}
     todo = [fn]
     while todo:
         f = todo.pop()

@@ -45,3 +45,14 @@ def test_own_code_that_shares_a_reference_name_is_not_borrowing() -> None:
     assert borrowed(env["f"], FORBIDDEN) == []
     assert borrowed(env["g"], FORBIDDEN) == []
     assert borrowed(len, FORBIDDEN) == [], "a builtin has no code to read"
+
+
+def test_a_graded_function_calling_another_graded_one_is_judged_on_its_own_code() -> None:
+    env = _notebook(
+        "def build(d):\n    return ref(d)\n"
+        "def verify(d, m):\n    return [k for k, v in build(d).items() if m.get(k) != v]\n",
+        ref=drift.psi,
+    )
+    assert borrowed(env["verify"], FORBIDDEN) == ["psi"], "followed by default"
+    assert borrowed(env["verify"], FORBIDDEN, graded_elsewhere=(env["build"],)) == []
+    assert borrowed(env["build"], FORBIDDEN, graded_elsewhere=(env["build"],)) == ["psi"], "fn itself is read"
