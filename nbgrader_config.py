@@ -28,3 +28,14 @@ c.GenerateAssignment.preprocessors = [
     ClearSolutionsNamingTheExercise if p is ClearSolutions else p for p in GenerateAssignment.preprocessors.default()
 ]
 c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
+
+# Feedback without the hidden tests: their source (nbgrader's ClearHiddenTests) and the failing lines that tracebacks
+# print (courseware/feedback.py; it must run first, while the markers are still in the source).
+from nbgrader.converters import GenerateFeedback  # noqa: E402
+from nbgrader.preprocessors import ClearHiddenTests, GetGrades  # noqa: E402
+
+from courseware.feedback import HiddenTestTracebacks  # noqa: E402
+
+_feedback = GenerateFeedback.preprocessors.default()
+c.GenerateFeedback.preprocessors = [*_feedback[: _feedback.index(GetGrades) + 1], HiddenTestTracebacks,
+                                    ClearHiddenTests, *_feedback[_feedback.index(GetGrades) + 1:]]  # fmt: skip

@@ -177,6 +177,13 @@ class GradingCourse:
                         report.manual[grade.name] = float(grade.max_score)
         return report
 
+    def feedback(self, aid: str, student: str) -> dict[str, str]:
+        """Generate the HTML feedback of an autograded submission, as ``make feedback`` does: {notebook: html}."""
+        with _venv_on_path():
+            _check(_api(self.workdir, self.timeout).generate_feedback(aid, student, force=True), "feedback")
+        folder = self.workdir / "feedback" / student / aid
+        return {p.stem: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.html"))}
+
 
 def load_notebook(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())

@@ -168,8 +168,8 @@ def _ensure_released(assignment: str, root: Path) -> None:
 def feedback(assignment: str, root: Path = REPO_ROOT, students: Iterable[str] | None = None) -> list[Path]:
     """Write HTML feedback (``feedback/<student>/<assignment>/<notebook>.html``) from the autograded notebooks.
 
-    Feedback shows each student's answers, scores and the test cells, hidden tests included: return it after the
-    deadline (a quiz's hidden test compares a hash, which a determined student can check against four options).
+    Feedback shows each student's answers, scores and the test cells with what each failed test said, but not the
+    hidden tests' source (nbgrader_config.py: ClearHiddenTests, courseware/feedback.py for the tracebacks).
     """
     root = Path(root)
     autograded = root / "autograded"

@@ -209,6 +209,8 @@ def test_solution_scores_full_marks(
     assert report.auto_max >= 10, f"{aid}: at least 10 autograded points, found {report.auto_max}"
     assert report.auto_score == report.auto_max, f"{aid}: solution failed {report.failed()}"
     assert report.manual, f"{aid}: needs at least one manually graded written answer"
+    if overlay == "default":
+        _assert_feedback_hides_hidden_tests(course, aid, student)
 
 
 @pytest.mark.slow
@@ -224,6 +226,36 @@ def test_untouched_release_scores_zero(aid: str, course: grading.GradingCourse, 
     if aid.startswith("lab"):  # the quiz has no exercise sections: its Run All still stops at the first question
         _run_all_of_a_blank_lab_behaves(aid, json.loads((course.workdir / "autograded" / "blank" / aid /
                                                          f"{aid}.ipynb").read_text()))  # fmt: skip
+
+
+def _hidden_test_lines(aid: str) -> list[str]:
+    """The lines of the source notebook's hidden tests that say something and appear nowhere else in it (a line such
+    as ``with torch.inference_mode():`` is in the trainee's own code too)."""
+    nb = grading.load_notebook(REPO / "solutions" / aid / f"{aid}.ipynb")
+    hidden, elsewhere = [], set()
+    for cell in _cells(nb):
+        text = _source(cell)
+        blocks = _blocks(text, "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")
+        for block in blocks:
+            hidden += [line.strip() for line in block.splitlines() if len(line.strip()) >= 16]
+            text = text.replace(block, "")
+        elsewhere |= {line.strip() for line in text.splitlines()}
+    return [line for line in hidden if line not in elsewhere]
+
+
+def _assert_feedback_hides_hidden_tests(course: grading.GradingCourse, aid: str, student: str) -> None:
+    """`make feedback` for this autograded submission shows no line of a hidden test, in a cell or a traceback."""
+    import html
+
+    pages = course.feedback(aid, student)
+    assert pages, f"{aid}: no feedback written for {student}"
+    hidden = _hidden_test_lines(aid)
+    assert hidden, f"{aid}: found no hidden tests to look for"
+    for name, page in pages.items():
+        # The page highlights code token by token: compare the text a reader sees, not the markup.
+        text = html.unescape(re.sub(r"<[^>]+>", "", page))
+        leaked = [line for line in hidden if line in text]
+        assert not leaked, f"{aid} feedback {name} ({student}) shows hidden test lines: {leaked[:3]}"
 
 
 def _run_all_of_a_blank_lab_behaves(aid: str, graded: dict) -> None:
@@ -277,3 +309,5 @@ def test_realistic_mistakes_lose_points(aid: str, course: grading.GradingCourse,
                 assert score < mx, f"mutant {m['name']!r} ({m['why']}) was not caught by {gid}"
         unexpected = set(report.failed()) - expected_failures
         assert not unexpected, f"round {r}: cells {sorted(unexpected)} failed although no mutant targets them"
+    # Failed hidden tests print their lines in tracebacks: the feedback of the first round must show none of them.
+    _assert_feedback_hides_hidden_tests(course, aid, "mutant-round-0")
