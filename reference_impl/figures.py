@@ -5,7 +5,8 @@ matplotlib's object-oriented API, not ``pyplot``: no global figure state and no 
 draws inline in a notebook (after ``%matplotlib inline``), into a PNG for the demo's report (``save``), and on a
 headless server, and a lab that draws twenty figures does not keep twenty open.
 
-The module depends only on numpy and matplotlib: stages pass it their numbers, it never imports a stage.
+The module depends on numpy, matplotlib and the load test's nearest-rank ``percentile``: stages pass it their
+numbers; it imports no stage that would import it back.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from .loadtest import percentile
 
 # One colour per role, the same in every chart: the model in production, the candidate, the threshold it must meet.
 CHAMPION_COLOR = "tab:blue"
@@ -92,9 +95,9 @@ def latency_histogram(latencies_ms: Sequence[float], slo_ms: float | None = None
     fig = Figure(figsize=(6.4, 3.0), layout="constrained")
     ax = fig.subplots()
     ax.hist(values, bins=40, color="tab:gray")
-    # Nearest-rank percentiles: each marked line is a latency that was actually observed.
+    # Nearest-rank percentiles (the load test's definition): each marked line is a latency actually observed.
     for q, style in ((50, "-"), (99, "--")):
-        v = float(np.sort(values)[max(int(np.ceil(q / 100 * len(values))) - 1, 0)])
+        v = float(percentile(values, q))
         ax.axvline(v, color="black", ls=style, lw=1)
         ax.text(v, ax.get_ylim()[1] * 0.95, f" p{q} {v:.1f} ms", fontsize=8, va="top")
     ax.axvline(float(values.mean()), color=CHAMPION_COLOR, ls=":", lw=1, label=f"mean {values.mean():.1f} ms")

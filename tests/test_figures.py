@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from reference_impl import data, figures
@@ -79,8 +80,7 @@ def test_timeline_marks_drifted_windows_and_phase_changes() -> None:
                            [False, False, True, True], phases=["baseline", "baseline", "drift", "drift"])  # fmt: skip
     acc_ax, psi_ax = fig.axes
     assert np.isnan(acc_ax.lines[0].get_ydata()[2]), "an unknown accuracy is a gap, not a zero"
-    red = [p for p in psi_ax.patches if p.get_facecolor()[:3] == (0.8392156862745098, 0.15294117647058825,
-                                                                   0.1568627450980392)]  # fmt: skip
+    red = [p for p in psi_ax.patches if p.get_facecolor() == to_rgba(figures.LIMIT_COLOR)]
     assert len(red) == 2, "the two drifted windows are red"
     assert [t.get_text() for t in acc_ax.texts] == ["drift", "baseline"]
     assert len(figures.timeline([1, 2], {"true": [0.9, 0.8]}).axes) == 1, "without PSI: only the accuracy panel"
