@@ -23,7 +23,8 @@ class CLIError(Exception):
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(state_dir=args.state_dir, device=getattr(args, "device", None), seed=args.seed)
+    return Settings.from_env(state_dir=args.state_dir, device=getattr(args, "device", None),
+                             runtime=getattr(args, "runtime", None), seed=args.seed)  # fmt: skip
 
 
 def _parse_mix(text: str | None) -> dict[str, float] | None:
@@ -109,7 +110,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data import decode_image
     from .inference import Predictor
 
-    predictor = Predictor.from_path(args.bundle, device=_settings(args).device)
+    settings = _settings(args)
+    predictor = Predictor.from_path(args.bundle, device=settings.device, runtime=settings.runtime)
     for path in args.images:
         print(json.dumps({"file": path, **predictor.predict_one(decode_image(path))}))
     return 0
@@ -135,11 +137,11 @@ def _predictor_from(args: argparse.Namespace) -> tuple[object, str | None]:
 
     settings = _settings(args)
     if args.bundle:
-        return Predictor.from_path(args.bundle, device=settings.device), None
+        return Predictor.from_path(args.bundle, device=settings.device, runtime=settings.runtime), None
     from .registry import Registry
 
     bundle, info = Registry(settings).load(args.model_ref)
-    return Predictor(bundle, device=settings.device), info.version
+    return Predictor(bundle, device=settings.device, runtime=settings.runtime), info.version
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -147,12 +149,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .serving import ServingConfig, create_app
 
+    settings = _settings(args)
     config = ServingConfig.from_env(
         model_ref=args.model_ref, bundle_path=str(args.bundle) if args.bundle else None,
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
         shadow=not args.no_shadow, canary_fraction=args.canary_fraction, device=args.device or "auto",
+        runtime=settings.runtime,
     )  # fmt: skip
-    app = create_app(_settings(args), config)
+    app = create_app(settings, config)
     # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal; with this handler in place the
     # re-raised signal ends the process with status 0, so supervisors and tests can tell "stopped cleanly" from
     # "killed".
@@ -343,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="baseline images the champion trains on (default 5,000; --fast: 2,000; fewer train faster "
                         "and give a weaker champion)")  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--runtime",
+        choices=("auto", "onnxruntime", "torch"),
+        help="inference runtime (default auto: ONNX Runtime when the bundle has a verified export)",
+    )
 
     p = add("generate", cmd_generate, "generate synthetic weld radiographs into a class-per-folder dataset")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -362,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--version", help="model version recorded in the bundle (default: a timestamp)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--runtime",
+        choices=("auto", "onnxruntime", "torch"),
+        help="inference runtime (default auto: ONNX Runtime when the bundle has a verified export)",
+    )
 
     p = add("verify", cmd_verify, "verify a bundle's hashes and load it")
     p.add_argument("bundle", type=Path)
@@ -375,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("images", nargs="+")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--runtime",
+        choices=("auto", "onnxruntime", "torch"),
+        help="inference runtime (default auto: ONNX Runtime when the bundle has a verified export)",
+    )
 
     p = add("serve", cmd_serve, "start the inference server (FastAPI + uvicorn)")
     p.add_argument("--bundle", type=Path, help="serve this bundle directory instead of a registry alias")
@@ -387,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shadow", action="store_true", help="do not mirror traffic to the challenger")
     p.add_argument("--canary-fraction", type=float, default=0.0, help="share of requests the challenger answers")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--runtime",
+        choices=("auto", "onnxruntime", "torch"),
+        help="inference runtime (default auto: ONNX Runtime when the bundle has a verified export)",
+    )
 
     p = add("register", cmd_register, "register a bundle in the MLflow model registry")
     p.add_argument("bundle", type=Path)
@@ -417,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0 = decode in-process)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--runtime",
+        choices=("auto", "onnxruntime", "torch"),
+        help="inference runtime (default auto: ONNX Runtime when the bundle has a verified export)",
+    )
 
     p = add("monitor", cmd_monitor, "check new windows of the prediction log for drift, integrity and quality")
     p.add_argument("--window-size", type=int, help="images per window (default: the policy's drift.window_size)")

@@ -416,7 +416,8 @@ class _Run:
         from .inference import Predictor
         from .packaging import load_bundle
 
-        predictor = Predictor(load_bundle(bundle_dir), device="cpu")  # load_bundle verifies every hash first
+        # load_bundle verifies every hash first; torch, because this checks the saved weights bit for bit
+        predictor = Predictor(load_bundle(bundle_dir), device="cpu", runtime="torch")
         x = predictor.preprocess(probe)
         if not torch.equal(predictor.forward(x)[0], training.predict_logits(result.model, x, torch.device("cpu"))):
             raise RuntimeError("the reloaded bundle predicts differently from the trained model: packaging is broken")
@@ -816,8 +817,9 @@ def baseline_bundle(
 
     settings = settings or Settings.from_env()
     config = training.TrainConfig(epochs=epochs, seed=settings.seed, device="cpu")
-    # the name says how it was trained (p1: with monitoring profile v1), so a changed recipe trains a new one
-    target = settings.bundles_dir / f"baseline-seed{settings.seed}-n{n_images}-e{epochs}-b{config.batch_size}-p1"
+    # the name says how it was trained and packaged (p2: monitoring profile v1 and the ONNX export), so a changed
+    # recipe trains a new one
+    target = settings.bundles_dir / f"baseline-seed{settings.seed}-n{n_images}-e{epochs}-b{config.batch_size}-p2"
     if target.exists():
         try:
             verify_bundle(target)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -139,6 +140,44 @@ def _match_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
     if have == 1 and channels == 3:
         return t.expand(*t.shape[:-3], 3, *t.shape[-2:])
     raise SpecError(f"cannot convert an image with {have} channels to {channels}")
+
+
+def preprocess_batch(images: np.ndarray | Sequence[np.ndarray], spec: PreprocessSpec) -> torch.Tensor:
+    """Apply ``build_transform(spec)`` to many images at once -> ``(N, C, H, W)`` tensor.
+
+    A stack of same-sized images goes through the pipeline as one batch (fast); a list of differently sized
+    images (a folder of real radiographs) goes through it one by one. Either way it is the same transform.
+    """
+    import torch
+
+    transform = build_transform(spec)
+    if len(images) == 0:
+        return torch.empty((0, spec.channels, *spec.size), dtype=getattr(torch, spec.dtype))
+    if (
+        not isinstance(images, np.ndarray)
+        and _same_shape_2d(images)
+        and len(images) * images[0].size <= STACK_MAX_PIXELS
+    ):
+        # A list of same-sized grayscale arrays (what a server's batch is): stack it and take the batch path.
+        # The pipeline's fixed cost per call is ~0.13 ms, so 16 images cost 0.2 ms instead of 2 ms. Only while the
+        # stack is small: 16 full-size radiographs would become gigabytes of float32 before the resize.
+        images = np.stack(images)
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        batch = torch.from_numpy(images.astype(np.float32) / 65535.0 if images.dtype == np.uint16 else images)
+        return transform(batch[:, None])
+    return torch.stack([transform(img) for img in images])
+
+
+STACK_MAX_PIXELS = 64 * 256 * 256  # 4.2 M pixels: 16 MB as float32
+
+
+def _same_shape_2d(images: Sequence[Any]) -> bool:
+    first = images[0]
+    return (
+        isinstance(first, np.ndarray)
+        and first.ndim == 2
+        and all(isinstance(im, np.ndarray) and im.shape == first.shape and im.dtype == first.dtype for im in images)
+    )
 
 
 @dataclass(frozen=True)

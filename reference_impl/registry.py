@@ -152,6 +152,7 @@ class Registry:
             "accuracy": f"{metrics.get('accuracy', float('nan')):.4f}",
             "macro_f1": f"{metrics.get('macro_f1', float('nan')):.4f}",
             "validation_status": "bundle-verified",
+            "onnx_export": _onnx_tag(meta),
         }
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, version, key, value)
@@ -270,3 +271,14 @@ class Registry:
     def describe(self) -> dict[str, Any]:
         versions = [{"version": v.version, "aliases": list(v.aliases), **v.tags} for v in self.versions()]
         return {"tracking_uri": self.uri, "model": self.name, "aliases": self.aliases(), "versions": versions}
+
+
+def _onnx_tag(meta: dict[str, Any]) -> str:
+    """The registry's one-line record of the bundle's ONNX check (what ``inference.Predictor`` will serve with)."""
+    check = (meta.get("runtimes") or {}).get("onnxruntime")
+    if not check:
+        return "none: packaged without an ONNX export"
+    if check.get("verified"):
+        return (f"verified: max difference {check['max_abs_diff']:.1e}, argmax agreement "
+                f"{check['argmax_agreement']:.4f} on {check['images']} held-out images")  # fmt: skip
+    return f"not verified: {check.get('reason', 'unknown')}"[:500]

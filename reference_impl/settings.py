@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # the policy module (and pyyaml) load only when a stage first
     from .policy import Policy
 
 DEVICES = ("auto", "cpu", "cuda")
+RUNTIMES = ("auto", "onnxruntime", "torch")  # see inference.Predictor
 
 
 class SettingsError(ValueError):
@@ -36,6 +37,7 @@ class Settings:
     registry_uri: str | None = None
     model_name: str = "weld-defect"
     device: str = "auto"
+    runtime: str = "auto"  # ONNX Runtime when the bundle has a verified export, else torch
     seed: int = 0
     # The organisation's policy numbers, loaded on first use of ``.policy`` (see the property below).
     _policy: Policy | None = field(default=None, init=False, repr=False, compare=False)
@@ -44,10 +46,13 @@ class Settings:
         object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser().resolve())
         if self.device not in DEVICES:
             raise SettingsError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.runtime not in RUNTIMES:
+            raise SettingsError(f"runtime (MLOPS_RUNTIME) must be one of {RUNTIMES}, got {self.runtime!r}")
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
-        """Build settings from ``MLOPS_STATE_DIR``, ``MLFLOW_TRACKING_URI``, ``MLOPS_DEVICE``, ``MLOPS_SEED``."""
+        """Build settings from ``MLOPS_STATE_DIR``, ``MLFLOW_TRACKING_URI``, ``MLOPS_DEVICE``, ``MLOPS_RUNTIME``,
+        ``MLOPS_SEED``."""
         values: dict[str, object] = {}
         if "MLOPS_STATE_DIR" in os.environ:
             values["state_dir"] = Path(os.environ["MLOPS_STATE_DIR"])
@@ -55,6 +60,8 @@ class Settings:
             values["registry_uri"] = os.environ["MLFLOW_TRACKING_URI"]
         if "MLOPS_DEVICE" in os.environ:
             values["device"] = os.environ["MLOPS_DEVICE"]
+        if "MLOPS_RUNTIME" in os.environ:
+            values["runtime"] = os.environ["MLOPS_RUNTIME"]
         if "MLOPS_SEED" in os.environ:
             raw = os.environ["MLOPS_SEED"]
             try:

@@ -107,7 +107,7 @@ def test_verify_good_bundle(bundle_dir, bundle_version, capsys):
     assert cli.main(["verify", str(bundle_dir)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"OK: {bundle_dir} version {bundle_version}")
-    assert f"{len(REQUIRED_FILES)} files verified" in out
+    assert f"{len(REQUIRED_FILES) + 1} files verified" in out  # and model.onnx
 
 
 def test_verify_tampered_bundle_exits_2_naming_the_file(bundle_dir, tmp_path):

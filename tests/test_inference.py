@@ -106,3 +106,50 @@ def test_from_path_and_device(bundle_dir):
     assert pred.device == torch.device("cpu")
     assert pred.classes == data.CLASSES
     assert next(pred.model.parameters()).device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runtimes: ONNX Runtime by default when the bundle's export was verified, torch on request (chapter: "Where
+# inference runs")
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_onnx_runtime_is_the_default_and_agrees_with_torch(bundle_dir, images):
+    bundle = load_bundle(bundle_dir)
+    fast, eager = Predictor(bundle, device="cpu"), Predictor(bundle, device="cpu", runtime="torch")
+    assert fast.runtime == "onnxruntime" and "verified export" in fast.runtime_reason
+    assert eager.runtime == "torch"
+    a = fast.predict(images.images, with_embeddings=True)
+    b = eager.predict(images.images, with_embeddings=True)
+    assert np.array_equal(a.class_index, b.class_index)
+    assert np.abs(a.probabilities - b.probabilities).max() < 1e-5
+    assert np.abs(a.embeddings - b.embeddings).max() < 1e-4
+    assert a.probabilities.dtype == b.probabilities.dtype == np.float32
+    assert fast.predict(images.images[:3]).embeddings is None  # only when asked for, as with torch
+    empty = fast.predict(np.zeros((0, 64, 64), np.uint8), with_embeddings=True)
+    assert len(empty) == 0 and empty.probabilities.shape == (0, 4)
+
+
+def test_onnx_runtime_uses_torchs_thread_setting(bundle_dir):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = Predictor(load_bundle(bundle_dir), device="cpu")
+        torch.set_num_threads(2)
+        two = Predictor(load_bundle(bundle_dir), device="cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert one._session.get_session_options().intra_op_num_threads == 1
+    assert two._session.get_session_options().intra_op_num_threads == 2
+
+
+def test_an_unknown_runtime_is_refused(bundle_dir, monkeypatch):
+    from reference_impl.settings import Settings, SettingsError
+
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        Predictor(load_bundle(bundle_dir), device="cpu", runtime="tensorrt")
+    monkeypatch.setenv("MLOPS_RUNTIME", "onnx")
+    with pytest.raises(SettingsError, match="MLOPS_RUNTIME"):
+        Settings.from_env()
+    monkeypatch.setenv("MLOPS_RUNTIME", "torch")
+    assert Settings.from_env().runtime == "torch"

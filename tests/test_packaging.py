@@ -40,11 +40,11 @@ def bundle_copy(bundle_dir, tmp_path) -> Path:
 
 def test_bundle_contains_required_files_and_manifest_hashes_match(bundle_dir):
     names = {p.name for p in bundle_dir.iterdir()}
-    assert names == {MANIFEST, *REQUIRED_FILES}
+    assert names == {MANIFEST, *REQUIRED_FILES, packaging.ONNX_FILE}
     manifest = json.loads((bundle_dir / MANIFEST).read_text())
     assert manifest["format"] == packaging.BUNDLE_FORMAT
     assert manifest["format_version"] == packaging.BUNDLE_FORMAT_VERSION
-    assert set(manifest["files"]) == set(REQUIRED_FILES)
+    assert set(manifest["files"]) == {*REQUIRED_FILES, packaging.ONNX_FILE}
     for name, digest in manifest["files"].items():
         assert digest == _sha(bundle_dir / name), name
 
@@ -114,8 +114,8 @@ def test_save_bundle_refuses_a_non_empty_directory(small_training, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _flip_byte(root: Path) -> None:
-    path = root / "weights.pt"
+def _flip_byte(root: Path, name: str = "weights.pt") -> None:
+    path = root / name
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
@@ -156,6 +156,7 @@ def _path_escape(root: Path) -> None:
 
 TAMPERING = {
     "flip-byte": (_flip_byte, "weights.pt"),
+    "flip-byte-onnx": (lambda root: _flip_byte(root, packaging.ONNX_FILE), packaging.ONNX_FILE),
     "truncate": (_truncate, "weights.pt"),
     "delete-labels": (lambda root: (root / "labels.json").unlink(), "labels.json"),
     "extra-file": (lambda root: (root / "notes.txt").write_text("hi"), "notes.txt"),
@@ -335,3 +336,62 @@ def test_onnx_export_matches_eager(bundle_dir, tmp_path):
             expected = bundle.model(x).numpy()
         assert got.shape == (n, 4)
         assert np.allclose(got, expected, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The runtime export every bundle carries (chapter: "Where inference runs")
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_bundle_carries_an_onnx_export_checked_on_held_out_images(bundle_dir):
+    import onnxruntime as ort
+
+    check = json.loads((bundle_dir / "metadata.json").read_text())["runtimes"]["onnxruntime"]
+    assert check["verified"] is True and check["file"] == packaging.ONNX_FILE
+    assert check["images"] == packaging.RUNTIME_CHECK_IMAGES and check["argmax_agreement"] == 1.0
+    assert 0 <= check["max_abs_diff"] <= packaging.ONNX_ATOL
+    session = ort.InferenceSession(str(bundle_dir / packaging.ONNX_FILE), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "embedding"]
+    bundle = load_bundle(bundle_dir)
+    x = _random_batch(5, seed=9)
+    logits, embedding = session.run(None, {"image": x.numpy()})
+    with torch.inference_mode():
+        assert np.allclose(logits, bundle.model(x).numpy(), atol=1e-4)
+        assert np.allclose(embedding, bundle.model.embed(x).numpy(), atol=1e-4)
+    assert packaging.onnx_export_check(bundle) == check
+
+
+def test_an_export_that_disagrees_with_the_network_is_left_out(small_training, tmp_path, monkeypatch, caplog):
+    """The check must catch an export of the wrong network: the bundle is still good, served by torch."""
+    import logging
+
+    from reference_impl.inference import Predictor, RuntimeUnavailableError
+    from reference_impl.model import build_model
+
+    real_export = packaging._export_onnx_file
+    untrained = packaging._logits_and_embedding(build_model(small_training.model_spec))
+    monkeypatch.setattr(
+        packaging, "_export_onnx_file", lambda _net, example, path: real_export(untrained, example, path)
+    )
+    out = packaging.save_bundle(small_training, tmp_path / "b")
+    check = json.loads((out / "metadata.json").read_text())["runtimes"]["onnxruntime"]
+    assert check["verified"] is False and "differs from eager torch" in check["reason"]
+    assert check["argmax_agreement"] < 1.0 and check["max_abs_diff"] > packaging.ONNX_ATOL
+    assert not (out / packaging.ONNX_FILE).exists()
+    bundle = load_bundle(out)  # the manifest does not list what was removed
+    with caplog.at_level(logging.INFO, logger="reference_impl.inference"):
+        predictor = Predictor(bundle, device="cpu")
+    assert predictor.runtime == "torch" and "no verified model.onnx" in predictor.runtime_reason
+    assert "differs from eager torch" in caplog.text
+    with pytest.raises(RuntimeUnavailableError, match=r"no verified model\.onnx"):
+        Predictor(bundle, device="cpu", runtime="onnxruntime")
+
+
+def test_a_bundle_packaged_without_the_export_is_served_by_torch(small_training, tmp_path):
+    from reference_impl.inference import Predictor
+
+    out = packaging.save_bundle(small_training, tmp_path / "b", onnx=False)
+    assert not (out / packaging.ONNX_FILE).exists()
+    assert "runtimes" not in json.loads((out / "metadata.json").read_text())
+    predictor = Predictor(load_bundle(out), device="cpu")
+    assert predictor.runtime == "torch"

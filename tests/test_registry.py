@@ -40,6 +40,7 @@ def test_register_bundle_creates_versions_with_tags(registry, bundle_dir, challe
     assert float(tags["accuracy"]) > 0.5  # the real metric, not a placeholder
     assert tags["training_data_manifest_sha256"] == sha256_file(data_manifest)
     assert tags["validation_status"] == "bundle-verified"
+    assert tags["onnx_export"].startswith("verified: max difference") and "128 held-out images" in tags["onnx_export"]
     assert tags["bundle_model_version"] == "1.0-test"
     # each version carries its own bundle's identity
     assert v2.tags["bundle_sha256"] == sha256_file(challenger_bundle_dir / "MANIFEST.json") != tags["bundle_sha256"]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from reference_impl import data, training
+from reference_impl import data, model, training
+from reference_impl.model import build_transform
 from reference_impl.training import TrainConfig, classification_metrics, split_indices
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -80,14 +81,14 @@ def test_preprocess_batch_equals_the_transform_applied_one_image_at_a_time():
     for bit_depth in (8, 16):
         images = data.generate(6, seed=3, bit_depth=bit_depth).images
         spec = training.fit_preprocess_spec(images)
-        one_by_one = torch.stack([training.build_transform(spec)(im) for im in images])
+        one_by_one = torch.stack([build_transform(spec)(im) for im in images])
         stacked = training.preprocess_batch(images, spec)
         listed = training.preprocess_batch(list(images), spec)
         assert stacked.shape == listed.shape == one_by_one.shape == (6, 1, 64, 64)
         assert torch.allclose(stacked, one_by_one, atol=1e-6) and torch.allclose(listed, one_by_one, atol=1e-6)
         # another size is resized to the spec's (64, 64) the same way in a batch as alone
         big = [np.kron(im, np.ones((2, 2), dtype=im.dtype))[:100, :120] for im in images]
-        alone = torch.stack([training.build_transform(spec)(im) for im in big])
+        alone = torch.stack([build_transform(spec)(im) for im in big])
         assert torch.allclose(training.preprocess_batch(big, spec), alone, atol=1e-5), bit_depth
     mixed = [images[0], big[1]]  # different sizes can't be stacked: each goes through the transform alone
     assert training.preprocess_batch(mixed, spec).shape == (2, 1, 64, 64)
@@ -102,7 +103,7 @@ def test_a_list_is_stacked_only_while_the_stack_is_small(monkeypatch):
     monkeypatch.setattr(np, "stack", lambda arrays, *a, **k: stacked_calls.append(len(arrays)) or real_stack(arrays))
     small = training.preprocess_batch(images, spec)
     assert stacked_calls == [3]
-    monkeypatch.setattr(training, "STACK_MAX_PIXELS", 2 * 64 * 64)  # 3 images of 64x64 are now "too many pixels"
+    monkeypatch.setattr(model, "STACK_MAX_PIXELS", 2 * 64 * 64)  # 3 images of 64x64 are now "too many pixels"
     big = training.preprocess_batch(images, spec)
     assert stacked_calls == [3], "not stacked above the bound"
     assert torch.allclose(small, big, atol=1e-6)

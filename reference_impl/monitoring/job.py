@@ -208,7 +208,7 @@ class Monitor:
             bundle, _ = Registry(settings).load(model_ref)
         else:
             bundle = load_bundle(bundle_dir)
-        self.predictor = Predictor(bundle, device="cpu")
+        self.predictor = Predictor(bundle, device="cpu", runtime=settings.runtime)
         self.profile = ReferenceProfile.load(bundle.path)
         self.policy = settings.policy
         self.detector = self.profile.detector(alpha=self.policy.drift.false_alarm_rate)

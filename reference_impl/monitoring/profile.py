@@ -177,13 +177,22 @@ def package_with_profile(
     """Save a bundle that carries its monitoring reference profile, built from held-out images (never the
     training data) of the line condition the model is meant for: a challenger retrained for a new camera must be
     compared with new-camera images, or it would raise drift alarms forever after the line has recovered."""
+    import tempfile
+
     from .. import data
     from ..inference import Predictor
-    from ..packaging import Bundle, save_bundle
+    from ..packaging import RUNTIME_CHECK_IMAGES, Bundle, export_checked_onnx, save_bundle
 
     reference = data.generate(n_reference, seed=seed + REFERENCE_SEED_OFFSET, condition=condition, severity=severity)
     null = data.generate(n_null, seed=seed + NULL_SEED_OFFSET, condition=condition, severity=severity)
-    bundle = Bundle(Path(out_dir), result.model, result.model_spec, result.preprocess, result.classes, {})
-    profile = ReferenceProfile.build(Predictor(bundle, device="cpu"), reference.images, reference.labels, null.images)
-    return save_bundle(result, out_dir, model_name=model_name, model_version=model_version,
-                       data_manifest=data_manifest, extra_files=profile.to_files(), **kwargs)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="weld-export-") as scratch:
+        # Export (and check, on held-out reference images) first, so the profile's 2,400 predictions run on the
+        # runtime that will serve the bundle: the same numbers the monitor will compare, at ONNX Runtime's speed.
+        export = export_checked_onnx(result, scratch, reference.images[:RUNTIME_CHECK_IMAGES])
+        bundle = Bundle(Path(scratch), result.model, result.model_spec, result.preprocess, result.classes,
+                        {"runtimes": {"onnxruntime": export.check}})  # fmt: skip
+        predictor = Predictor(bundle, device="cpu")
+        profile = ReferenceProfile.build(predictor, reference.images, reference.labels, null.images)
+        return save_bundle(result, out_dir, model_name=model_name, model_version=model_version,
+                           data_manifest=data_manifest, extra_files=profile.to_files(), onnx=export,
+                           **kwargs)  # fmt: skip

@@ -28,6 +28,7 @@ class ServingConfig:
     admin_key: str | None = None  # required for /v1/admin/*; from MLOPS_ADMIN_KEY, never from code
     predict_key: str | None = None  # if set, predict routes require it too (MLOPS_PREDICT_KEY)
     device: str = "auto"
+    runtime: str = "auto"  # inference.RUNTIMES: ONNX Runtime when the bundle has a verified export, else torch
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.queue_size < 1 or self.max_wait_ms < 0:

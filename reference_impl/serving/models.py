@@ -67,12 +67,16 @@ class ModelHandle:
             "labels": list(self.classes),
             "preprocessing": self.bundle.preprocess.to_dict(),
             "device": str(self.predictor.device),
+            "runtime": self.predictor.runtime,
             "loaded_at": self.loaded_at,
         }
 
 
-def _handle(bundle: Bundle, name: str, version: str, role: str, device: str) -> ModelHandle:
-    handle = ModelHandle(name, version, role, Predictor(bundle, device=device), bundle.sha256)
+def _handle(bundle: Bundle, name: str, version: str, role: str, config: ServingConfig) -> ModelHandle:
+    predictor = Predictor(bundle, device=config.device, runtime=config.runtime)
+    log.info("%s %s v%s runs on %s with %s: %s", role, name, version, predictor.device, predictor.runtime,
+             predictor.runtime_reason)  # fmt: skip
+    handle = ModelHandle(name, version, role, predictor, bundle.sha256)
     handle.warm_up()
     return handle
 
@@ -81,15 +85,15 @@ def load_models(settings: Settings, config: ServingConfig) -> tuple[ModelHandle,
     """Champion (required) and challenger (optional, from the registry's `challenger` alias)."""
     if config.bundle_path:
         bundle = load_bundle(Path(config.bundle_path))
-        return _handle(bundle, settings.model_name, bundle.version, "champion", config.device), None
+        return _handle(bundle, settings.model_name, bundle.version, "champion", config), None
     from ..registry import CHALLENGER, Registry
 
     registry = Registry(settings)
     bundle, info = registry.load(config.model_ref)
-    champion = _handle(bundle, info.name, info.version, "champion", config.device)
+    champion = _handle(bundle, info.name, info.version, "champion", config)
     challenger = None
     if (config.shadow or config.canary_fraction > 0) and CHALLENGER in registry.aliases():
         c_bundle, c_info = registry.load(CHALLENGER)
         if c_info.version != info.version:
-            challenger = _handle(c_bundle, c_info.name, c_info.version, "challenger", config.device)
+            challenger = _handle(c_bundle, c_info.name, c_info.version, "challenger", config)
     return champion, challenger
