@@ -61,8 +61,8 @@ class Item:
     """One image as a client sent it, with the model's answer as the server logged it."""
 
     def __init__(self, pixels: np.ndarray, payload: bytes, fmt: str | None, probs: np.ndarray,
-                 classes: tuple[str, ...]) -> None:  # fmt: skip
-        self.pixels, self.payload, self.fmt = pixels, payload, fmt
+                 classes: tuple[str, ...], embedding: np.ndarray | None = None) -> None:  # fmt: skip
+        self.pixels, self.payload, self.fmt, self.embedding = pixels, payload, fmt, embedding
         self.sha = hashlib.sha256(payload).hexdigest()
         self.probabilities = {c: float(p) for c, p in zip(classes, probs, strict=True)}
         k = int(np.argmax(probs))
@@ -72,9 +72,10 @@ class Item:
 def _items(predictor: Any, images: np.ndarray) -> list[Item]:
     from reference_impl import data
 
-    probs = predictor.predict(images).probabilities
+    pred = predictor.predict(images, with_embeddings=True)
     return [
-        Item(im, data.encode_png(im), "png", p, tuple(predictor.classes)) for im, p in zip(images, probs, strict=True)
+        Item(im, data.encode_png(im), "png", p, tuple(predictor.classes), e)
+        for im, p, e in zip(images, pred.probabilities, pred.embeddings, strict=True)
     ]
 
 
@@ -105,8 +106,11 @@ def stream(profile_bundle: Path) -> dict[str, list[Item]]:
 
 
 def write_log(settings: Settings, items: list[Item], *, t0: float = 1_800_000_000.0, step_s: float = 1.0,
-              store_images: bool = True, role: str = "champion") -> None:  # fmt: skip
-    """Append rows exactly as the server's InferenceService does (one image per request)."""
+              store_images: bool = True, role: str = "champion", logged_by: str | None = None) -> None:  # fmt: skip
+    """Append rows exactly as the server's InferenceService does (one image per request).
+
+    ``logged_by``: a bundle sha256; the rows then carry the image statistics and the embedding the way today's
+    server logs them (answered by that bundle). Without it they look like rows of an older server."""
     from reference_impl.serving.predlog import PredictionLog, PredictionRecord
 
     state = settings.state_dir
@@ -135,8 +139,10 @@ def write_log(settings: Settings, items: list[Item], *, t0: float = 1_800_000_00
                 it.confidence,
                 it.probabilities,
                 latency_ms=12.5,
+                bundle_sha256=logged_by,
+                embedding=it.embedding if logged_by else None,
             )
-            log.append(record, it.payload)
+            log.append(record, it.payload, it.pixels if logged_by else None)
     finally:
         log.close()
 
@@ -328,6 +334,69 @@ def test_missing_image_is_an_integrity_failure_not_a_crash(profile_bundle: Path,
     sent = [json.loads(line) for line in (settings.state_dir / "alerts.jsonl").read_text().splitlines()]
     integrity = [a for a in sent if a["rule"] == "integrity_failures"]
     assert len(integrity) == 1 and integrity[0]["evidence"]["value"] == 2
+
+
+def _decode_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from reference_impl.monitoring import job
+
+    calls: list[int] = []
+    real = job.decode_image
+    monkeypatch.setattr(job, "decode_image", lambda path: calls.append(1) or real(path))
+    return calls
+
+
+def test_logged_statistics_and_embeddings_replace_decoding_with_the_same_verdicts(
+    profile_bundle: Path, stream, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The server logs what the monitor needs; the job then decodes nothing and reaches the same numbers as when it
+    recomputes everything from the stored images (a log of an older server)."""
+    from reference_impl.packaging import load_bundle
+
+    items = stream["baseline"][:WINDOW] + stream["camera"][:WINDOW]
+    verdicts = {}
+    for kind in ("older server", "logged"):
+        monkeypatch.setenv("MLOPS_STATE_DIR", str(tmp_path / kind.replace(" ", "-")))
+        settings = Settings.from_env()
+        write_log(settings, items, logged_by=load_bundle(profile_bundle).sha256 if kind == "logged" else None)
+        decodes = _decode_counter(monkeypatch)
+        monitor = _monitor(profile_bundle)
+        try:
+            verdicts[kind] = monitor.run(window_size=WINDOW, alerts=False)
+        finally:
+            monitor.close()
+        assert len(decodes) == (0 if kind == "logged" else 2 * WINDOW), kind
+    for old, new in zip(verdicts["older server"], verdicts["logged"], strict=True):
+        assert old.drift["drifted"] == new.drift["drifted"] and old.drift["moved"] == new.drift["moved"]
+        assert new.drift["n"] == WINDOW and new.integrity["unreadable"] == 0
+        for feature, psi in old.drift["psi"].items():
+            assert new.drift["psi"][feature] == pytest.approx(psi, abs=1e-9), feature
+        for family, value in old.drift["statistics"].items():
+            assert new.drift["statistics"][family] == pytest.approx(value, rel=1e-3, abs=1e-6), family
+    assert [w.drift["drifted"] for w in verdicts["logged"]] == [False, True]
+
+
+def test_logged_rows_still_prove_their_stored_image(profile_bundle: Path, stream, monkeypatch, shared_detector) -> None:
+    """A stored image that changed after the server logged it is an integrity failure, as with decoding; rows
+    answered by another bundle (a canary) are recomputed with the bundle the job monitors with."""
+    from reference_impl.monitoring.job import image_path
+    from reference_impl.packaging import load_bundle
+
+    settings = Settings.from_env()
+    items = stream["baseline"][:WINDOW]
+    write_log(settings, items[:60], logged_by=load_bundle(profile_bundle).sha256)
+    write_log(settings, items[60:], t0=1_800_000_100.0, logged_by="0" * 64)  # another model's embedding space
+    image_path(settings.state_dir, items[3].sha, "png").write_bytes(b"\x89PNG overwritten")
+    image_path(settings.state_dir, items[4].sha, "png").unlink()
+    shared_detector.set_thresholds(WINDOW - 2, shared_detector.calibrate(WINDOW))
+    decodes = _decode_counter(monkeypatch)
+    monitor = _monitor(profile_bundle)
+    try:
+        (w,) = monitor.run(window_size=WINDOW, alerts=False)
+    finally:
+        monitor.close()
+    assert w.integrity["unreadable"] == 2 and w.drift["n"] == WINDOW - 2
+    assert len(decodes) == WINDOW - 60, "only the rows of the other bundle were decoded"
+    assert not w.drift["drifted"]
 
 
 def test_new_16_bit_tiff_camera_is_flagged_by_integrity(profile_bundle: Path, stream) -> None:

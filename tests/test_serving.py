@@ -305,7 +305,7 @@ def test_predict_batch(client, weld_images, weld_pngs, serving_predictor):
     assert [p["label"] for p in one["predictions"]] == expected.labels[:1]
 
 
-def test_predictions_are_logged_with_features_and_stored_images(client, server_state, images16):
+def test_predictions_are_logged_with_features_and_stored_images(client, server_state, images16, bundle_dir):
     payload = data.encode_png(images16[0])
     sha = hashlib.sha256(payload).hexdigest()
     answer = client.post("/v1/predict", content=payload, headers={**PNG, "x-request-id": "logged-16bit"}).json()
@@ -329,6 +329,19 @@ def test_predictions_are_logged_with_features_and_stored_images(client, server_s
     stored = server_state / "images" / sha[:2] / f"{sha}.png"
     wait_until(stored.exists, what="the stored image")
     assert stored.read_bytes() == payload
+    # What the monitor needs, logged once: the image statistics and the embedding of the bundle that answered.
+    from reference_impl.inference import Predictor
+    from reference_impl.monitoring.features import DRIFT_FEATURES, image_features
+    from reference_impl.packaging import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    assert row["bundle_sha256"] == bundle.sha256
+    expected = image_features(images16[:1])
+    assert set(row["features"]) == set(DRIFT_FEATURES)
+    assert all(row["features"][name] == pytest.approx(float(expected[name][0]), abs=1e-9) for name in DRIFT_FEATURES)
+    torch_emb = Predictor(bundle, device="cpu", runtime="torch").predict(images16[:1], with_embeddings=True).embeddings
+    assert row["embedding"].dtype == np.float32 and row["embedding"].shape == (bundle.model_spec.embedding_dim,)
+    assert np.abs(row["embedding"] - torch_emb[0]).max() < 1e-4
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -824,6 +837,39 @@ def test_recording_a_rejection_never_breaks_the_answer(tmp_path):
     assert read_rejections(tmp_path / "old.db", None, time.time()) == []
 
 
+def test_a_log_written_by_an_older_server_gains_the_new_columns(tmp_path):
+    """A prediction log from before the statistics and embeddings were logged: opened by a new server, it gains
+    the columns (empty for the old rows, which the monitor recomputes), and old and new rows read side by side."""
+    import sqlite3
+
+    from reference_impl.serving.predlog import PredictionLog, PredictionRecord, read_predictions
+
+    db = tmp_path / "predictions.db"
+    conn = sqlite3.connect(db)
+    conn.execute(  # the table as the first release of the server wrote it
+        "CREATE TABLE predictions (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, request_id TEXT NOT NULL, "
+        "item INTEGER NOT NULL, role TEXT NOT NULL, model_name TEXT NOT NULL, model_version TEXT NOT NULL, "
+        "route TEXT NOT NULL, input_sha256 TEXT NOT NULL, input_format TEXT, width INTEGER, height INTEGER, mode TEXT, "
+        "bit_depth INTEGER, mean REAL, std REAL, label TEXT NOT NULL, confidence REAL NOT NULL, "
+        "probabilities TEXT NOT NULL, agrees_with_champion INTEGER, latency_ms REAL)"
+    )
+    conn.execute("INSERT INTO predictions (ts, request_id, item, role, model_name, model_version, route, input_sha256, "
+                 "label, confidence, probabilities) VALUES (1, 'old', 0, 'champion', 'm', '1', '/v1/predict', 'abc', "
+                 "'good', 0.9, '{\"good\": 0.9}')")  # fmt: skip
+    conn.commit()
+    conn.close()
+    log = PredictionLog(db)
+    pixels = np.full((8, 8), 100, np.uint8)
+    log.append(PredictionRecord(2, "new", 0, "champion", "m", "1", "/v1/predict", "def", "png", 8, 8, "L", 8, 0.4, 0.0,
+                                "good", 0.9, {"good": 0.9}, bundle_sha256="f" * 64,
+                                embedding=np.arange(4, dtype=np.float32)), b"png", pixels)  # fmt: skip
+    log.close()
+    old, new = read_predictions(db)
+    assert old["features"] is None and old["embedding"] is None and old["bundle_sha256"] is None
+    assert new["bundle_sha256"] == "f" * 64 and new["features"]["brightness"] == pytest.approx(100 / 255)
+    assert np.array_equal(new["embedding"], np.arange(4, dtype=np.float32))
+
+
 def test_limits(limited_client, weld_images, weld_pngs):
     c = limited_client
     assert c.post("/v1/predict", content=weld_pngs[0], headers=PNG).status_code == 200
@@ -977,7 +1023,7 @@ class _CountingHandle:
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         time.sleep(0.02)  # while one batch runs, the next requests queue up together
-        return np.stack([x[:, 0, 0], -x[:, 0, 0]], axis=1)  # "probabilities" that identify each image
+        return np.stack([x[:, 0, 0], -x[:, 0, 0]], axis=1), None  # "probabilities" that identify each image
 
 
 def test_batcher_preprocesses_once_per_batch_and_isolates_a_bad_request():

@@ -2,7 +2,9 @@
 
 It reads the server's prediction log in windows (by count, or by time), and for each complete window:
 
-1. loads the images the server stored and recomputes the model's embeddings with the champion bundle;
+1. takes the image statistics and the model's embedding the server logged with each prediction (checking that the
+   stored image is still there and unchanged, by its sha256); for rows of an older server, or of another model,
+   it decodes the stored image and recomputes both with the champion bundle;
 2. runs every drift test against the bundle's reference profile, with calibrated thresholds;
 3. runs the integrity checks, counting the uploads the server refused during the window (the prediction log's
    ``rejections`` table) as integrity failures and computing the error rate; measures accuracy where inspector
@@ -29,8 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from ..data import DatasetError, decode_image
+from ..data import DatasetError, decode_image, sha256_file
 from ..settings import Settings
+from .drift import Sample
+from .features import feature_matrix, image_features
 from .integrity import check_window
 from .profile import ReferenceProfile
 from .quality import estimated_accuracy, labelled_quality
@@ -72,6 +76,8 @@ class WindowReport:
     ops: dict[str, Any]
     alerts: list[dict[str, Any]] = field(default_factory=list)
     report_paths: dict[str, str] = field(default_factory=dict)
+    # The window's image statistics (rows x profile features), kept for its Evidently report; not stored.
+    features: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def metrics(self) -> dict[str, Any]:
         """The flat metrics the alert rules refer to (e.g. ``drift.psi_max``)."""
@@ -209,6 +215,7 @@ class Monitor:
         else:
             bundle = load_bundle(bundle_dir)
         self.predictor = Predictor(bundle, device="cpu", runtime=settings.runtime)
+        self.bundle_sha256 = bundle.sha256  # rows answered by this bundle carry embeddings in its space
         self.profile = ReferenceProfile.load(bundle.path)
         self.policy = settings.policy
         self.detector = self.profile.detector(alpha=self.policy.drift.false_alarm_rate)
@@ -236,15 +243,24 @@ class Monitor:
     ) -> WindowReport:
         """One window's report. ``rejections``: requests the server refused in the window's time span (rows of
         the prediction log's ``rejections`` table, see ``run``)."""
-        images, kept, unreadable = [], [], 0
+        kept, logged, decoded, unreadable = [], [], [], 0
         for r in rows:
             path = image_path(self.settings.state_dir, r["input_sha256"], r["input_format"])
             if not r["input_format"] and not path.exists():
                 # A tensor input (v2 protocol) is never stored: nothing to decode, and not a failure either
                 # (check_window counts it as a tensor input). Counting it as unreadable alerted on every tensor.
                 continue
+            if self._has_logged_outputs(r):
+                # What the server computed: only check that the stored image is the one it saw (content-addressed,
+                # so its sha256 must be the name), far cheaper than decoding it and running the model again.
+                if path.is_file() and sha256_file(path) == r["input_sha256"]:
+                    logged.append(len(kept))
+                    kept.append(r)
+                else:
+                    unreadable += 1
+                continue
             try:
-                images.append(decode_image(path))
+                decoded.append((len(kept), decode_image(path)))
                 kept.append(r)
             except (DatasetError, OSError):
                 unreadable += 1  # missing or damaged stored image: an integrity failure, not a drift signal
@@ -265,9 +281,10 @@ class Monitor:
         # What was refused and why, so the on-call person sees "cannot identify image file" at once.
         integrity["rejections_by_status"] = dict(Counter(str(r["status"]) for r in rejections))
         integrity["rejected_reasons"] = Counter(r["reason"] for r in bad_input).most_common(5)
+        features = None
         if len(kept) >= 20:
-            emb = self.predictor.predict(images, with_embeddings=True).embeddings
-            result = self.detector.check(self.profile.sample_of(images, probs, emb))
+            features, emb = self._features_and_embeddings(kept, logged, decoded)
+            result = self.detector.check(Sample(features, probs, self.profile.pca.transform(emb)))
             drift = result.to_dict()
             drift["moved"] = result.moved_features()
             drift["calibration"] = self.detector.calibration.get(len(kept))
@@ -306,7 +323,36 @@ class Monitor:
             integrity,
             quality,
             ops,
+            features=features,
         )
+
+    def _has_logged_outputs(self, row: dict[str, Any]) -> bool:
+        """Did the server log this row's statistics and embedding, computed by the bundle this job monitors with?"""
+        feats = row.get("features")
+        return (
+            row.get("embedding") is not None
+            and row.get("bundle_sha256") == self.bundle_sha256
+            and feats is not None
+            and all(name in feats for name in self.profile.feature_names)
+        )
+
+    def _features_and_embeddings(
+        self, kept: list[dict[str, Any]], logged: list[int], decoded: list[tuple[int, np.ndarray]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Feature matrix and raw embeddings for the kept rows, in order: logged values where the server gave
+        them, computed from the decoded image (statistics + one batched forward pass) for the others."""
+        names = self.profile.feature_names
+        features = np.zeros((len(kept), len(names)))
+        emb = np.zeros((len(kept), self.predictor.bundle.model_spec.embedding_dim), dtype=np.float32)
+        for k in logged:
+            features[k] = [kept[k]["features"][name] for name in names]
+            emb[k] = kept[k]["embedding"]
+        if decoded:
+            idx = [k for k, _ in decoded]
+            images = [im for _, im in decoded]
+            features[idx] = feature_matrix(image_features(images), names)
+            emb[idx] = self.predictor.predict(images, with_embeddings=True).embeddings
+        return features, emb
 
     def write_reports(self, w: WindowReport, rows: list[dict[str, Any]]) -> dict[str, str]:
         """Evidently's DataDriftPreset on the image features (HTML + JSON) and our compact summary (JSON)."""
@@ -317,15 +363,16 @@ class Monitor:
         self.report_dir.mkdir(parents=True, exist_ok=True)
         names = list(self.profile.feature_names)
         ref = pd.DataFrame(self.profile.reference.features, columns=names)
-        images = []
-        for r in rows:
-            try:
-                images.append(decode_image(image_path(self.settings.state_dir, r["input_sha256"], r["input_format"])))
-            except (DatasetError, OSError):
-                continue
-        from .features import feature_matrix, image_features
-
-        cur = pd.DataFrame(feature_matrix(image_features(images), names), columns=names)
+        if w.features is None:  # a window too small for the drift tests: its statistics were not needed yet
+            images = []
+            for r in rows:
+                try:
+                    path = image_path(self.settings.state_dir, r["input_sha256"], r["input_format"])
+                    images.append(decode_image(path))
+                except (DatasetError, OSError):
+                    continue
+            w.features = feature_matrix(image_features(images), names)
+        cur = pd.DataFrame(w.features, columns=names)
         snapshot = Report([DataDriftPreset()]).run(current_data=cur, reference_data=ref)
         base = self.report_dir / f"window-{w.window_id:05d}"
         snapshot.save_html(str(base.with_suffix(".html")))

@@ -39,12 +39,13 @@ class BatchResult:
     preprocess_seconds: float  # the batch's preprocessing (shared by its requests)
     inference_seconds: float  # the batch's forward pass
     batch_size: int
+    embeddings: np.ndarray | None = None  # (rows, dim), when the model gives them with its answer
 
 
 @dataclass
 class _Item:
     pixels: list[np.ndarray]  # decoded images, preprocessed with the rest of the batch
-    handle: Any  # has .preprocess(list of arrays) -> tensor and .infer(tensor) -> probabilities
+    handle: Any  # has .preprocess(list of arrays) -> tensor and .infer(tensor) -> (probabilities, embeddings|None)
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -53,13 +54,13 @@ class _Item:
         return len(self.pixels)
 
 
-def _preprocess_and_infer(handle: Any, pixels: list[np.ndarray]) -> tuple[np.ndarray, float, float]:
+def _preprocess_and_infer(handle: Any, pixels: list[np.ndarray]) -> tuple[Any, float, float]:
     """On the inference thread: one preprocessing call and one forward pass for the whole batch."""
     start = time.perf_counter()
     x = handle.preprocess(pixels)
     preprocessed = time.perf_counter()
-    probabilities = handle.infer(x)
-    return probabilities, preprocessed - start, time.perf_counter() - preprocessed
+    outputs = handle.infer(x)  # (probabilities, embeddings or None)
+    return outputs, preprocessed - start, time.perf_counter() - preprocessed
 
 
 class MicroBatcher:
@@ -155,7 +156,8 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            probs, prep_s, infer_s = await loop.run_in_executor(self._executor, _preprocess_and_infer, handle, pixels)
+            (probs, emb), prep_s, infer_s = await loop.run_in_executor(self._executor, _preprocess_and_infer, handle,
+                                                                       pixels)  # fmt: skip
         except Exception as exc:  # any failure must reach the waiting requests, not kill the worker
             if len(items) > 1:
                 # One request's bad input must not fail the others it was batched with: run each on its own.
@@ -174,6 +176,7 @@ class MicroBatcher:
         offset = 0
         for it in items:
             if not it.future.done():  # the client may have gone away
-                it.future.set_result(BatchResult(probs[offset : offset + it.rows], handle, started - it.enqueued,
-                                                 prep_s, infer_s, len(pixels)))  # fmt: skip
+                rows = slice(offset, offset + it.rows)
+                it.future.set_result(BatchResult(probs[rows], handle, started - it.enqueued, prep_s, infer_s,
+                                                 len(pixels), None if emb is None else emb[rows]))  # fmt: skip
             offset += it.rows

@@ -44,12 +44,14 @@ class ModelHandle:
         """Decoded images (a list of 2-D arrays) -> the model's input tensor, with this bundle's own spec."""
         return self.predictor.preprocess(pixels)
 
-    def infer(self, x: Any) -> np.ndarray:
-        """Softmax probabilities for a preprocessed batch tensor."""
+    def infer(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Softmax probabilities and embeddings for a preprocessed batch tensor. The embedding is what the monitor
+        compares with the bundle's reference; with ONNX Runtime it comes out of the same forward pass, so the
+        server logs it instead of the monitor running the model a second time."""
         import torch
 
-        logits, _ = self.predictor.forward(x)
-        return torch.softmax(logits, dim=1).numpy()
+        logits, embeddings = self.predictor.forward(x, with_embeddings=True)
+        return torch.softmax(logits, dim=1).numpy(), embeddings.numpy()
 
     def warm_up(self) -> None:
         """One inference on a blank image: the first call pays for lazy allocations, not a user's request."""

@@ -26,6 +26,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..monitoring.features import DRIFT_FEATURES, image_features
+
 log = logging.getLogger(__name__)
 
 SCHEMA = """
@@ -46,7 +50,10 @@ CREATE TABLE IF NOT EXISTS predictions (
     confidence REAL NOT NULL,
     probabilities TEXT NOT NULL,      -- JSON {class: p}
     agrees_with_champion INTEGER,     -- shadow rows: 1/0; NULL otherwise
-    latency_ms REAL
+    latency_ms REAL,
+    bundle_sha256 TEXT,               -- the bundle that answered (its embedding space)
+    features TEXT,                    -- JSON {name: value}: the monitor's image statistics (monitoring/features.py)
+    embedding BLOB                    -- the model's embedding, float32 little-endian
 );
 CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
 CREATE INDEX IF NOT EXISTS predictions_sha ON predictions (input_sha256);
@@ -62,6 +69,9 @@ CREATE TABLE IF NOT EXISTS rejections (
 CREATE INDEX IF NOT EXISTS rejections_ts ON rejections (ts);
 """
 REASON_MAX = 200
+# Columns added after the first release: a log written by an older server gets them (empty) when it is opened, and
+# the monitor recomputes what they would hold from the stored images.
+LATER_COLUMNS = {"bundle_sha256": "TEXT", "features": "TEXT", "embedding": "BLOB"}
 
 
 @dataclass
@@ -86,6 +96,9 @@ class PredictionRecord:
     probabilities: dict[str, float]
     agrees_with_champion: bool | None = None
     latency_ms: float | None = None
+    bundle_sha256: str | None = None
+    embedding: np.ndarray | None = None  # float32; stored as bytes
+    features: dict[str, float] | None = None  # filled by the writer thread from the pixels given to ``append``
 
 
 @dataclass
@@ -106,6 +119,10 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")  # readers (the monitor) never block the writer (the server)
     conn.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a power cut may lose the last transaction only
     conn.executescript(SCHEMA)
+    have = {row[1] for row in conn.execute("PRAGMA table_info(predictions)")}
+    for column, kind in LATER_COLUMNS.items():
+        if column not in have:
+            conn.execute(f"ALTER TABLE predictions ADD COLUMN {column} {kind}")
     return conn
 
 
@@ -116,6 +133,7 @@ def _as_row(record: PredictionRecord) -> dict[str, Any]:
 
 
 _PREDICTION_FIELDS = tuple(f.name for f in fields(PredictionRecord))
+_Entry = tuple[PredictionRecord, bytes | None, np.ndarray | None]  # a row, the image file to store, its pixels
 
 
 class PredictionLog:
@@ -125,7 +143,7 @@ class PredictionLog:
         self.db_path = Path(db_path)
         self.image_dir = image_dir
         self.flush_every = flush_every
-        self._queue: queue.Queue[tuple[PredictionRecord, bytes | None] | RejectionRecord | None] = queue.Queue()
+        self._queue: queue.Queue[_Entry | RejectionRecord | None] = queue.Queue()
         self._conn = connect(self.db_path)
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._closed = False
@@ -133,10 +151,15 @@ class PredictionLog:
         self.rejections_written = 0
         self._thread.start()
 
-    def append(self, record: PredictionRecord, image_bytes: bytes | None = None) -> None:
+    def append(
+        self, record: PredictionRecord, image_bytes: bytes | None = None, pixels: np.ndarray | None = None
+    ) -> None:
+        """Queue a row. ``pixels`` (the decoded image): the writer thread computes the monitor's image statistics
+        from them, so the monitoring job need not decode the stored file again (off the request path, and one
+        vectorised call per group of same-sized images)."""
         if self._closed:
             raise RuntimeError("prediction log is closed")
-        self._queue.put((record, image_bytes))
+        self._queue.put((record, image_bytes, pixels))
 
     def log_rejection(
         self,
@@ -171,19 +194,25 @@ class PredictionLog:
         tmp.write_bytes(payload)
         tmp.replace(target)  # atomic: a reader never sees half an image
 
-    def _write(self, batch: list[tuple[PredictionRecord, bytes | None] | RejectionRecord]) -> None:
+    def _write(self, batch: list[_Entry | RejectionRecord]) -> None:
         rows, rejections = [], []
+        entries = [item for item in batch if not isinstance(item, RejectionRecord)]
+        _fill_features(entries)
         for item in batch:
             if isinstance(item, RejectionRecord):
                 rejections.append(asdict(item))
                 continue
-            record, payload = item
+            record, payload, _ = item
             if payload is not None and self.image_dir is not None:
                 self._store_image(record.input_sha256, record.input_format, payload)
             row = _as_row(record)
             row["probabilities"] = json.dumps(row["probabilities"])
             if row["agrees_with_champion"] is not None:
                 row["agrees_with_champion"] = int(row["agrees_with_champion"])
+            if row["features"] is not None:
+                row["features"] = json.dumps(row["features"])
+            if row["embedding"] is not None:
+                row["embedding"] = np.ascontiguousarray(row["embedding"], dtype="<f4").tobytes()
             rows.append(row)
         with self._conn:
             for table, records in (("predictions", rows), ("rejections", rejections)):
@@ -197,7 +226,7 @@ class PredictionLog:
     def _run(self) -> None:
         stop = False
         while not stop:
-            batch: list[tuple[PredictionRecord, bytes | None] | RejectionRecord] = []
+            batch: list[_Entry | RejectionRecord] = []
             try:
                 first = self._queue.get(timeout=self.flush_every)
             except queue.Empty:
@@ -233,8 +262,21 @@ class PredictionLog:
         self._conn.close()
 
 
+def _fill_features(entries: list[_Entry]) -> None:
+    """The monitor's image statistics for every entry that came with its pixels, one call per image size."""
+    groups: dict[tuple[tuple[int, ...], str], list[int]] = {}
+    for k, (record, _, pixels) in enumerate(entries):
+        if pixels is not None and record.features is None and pixels.ndim == 2:
+            groups.setdefault((pixels.shape, pixels.dtype.str), []).append(k)
+    for idx in groups.values():
+        values = image_features(np.stack([entries[k][2] for k in idx]))
+        for j, k in enumerate(idx):
+            entries[k][0].features = {name: float(values[name][j]) for name in DRIFT_FEATURES}
+
+
 def read_predictions(db_path: Path, where: str = "1=1", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    """Rows of the prediction log as dicts (probabilities decoded), oldest first."""
+    """Rows of the prediction log as dicts, oldest first: probabilities and features decoded from JSON, the
+    embedding as a float32 array (None for rows written by an older server, or without one)."""
     conn = sqlite3.connect(db_path, timeout=30)
     conn.row_factory = sqlite3.Row
     try:
@@ -245,6 +287,8 @@ def read_predictions(db_path: Path, where: str = "1=1", params: tuple[Any, ...] 
     for row in rows:
         d = dict(row)
         d["probabilities"] = json.loads(d["probabilities"])
+        d["features"] = json.loads(d["features"]) if d.get("features") else None
+        d["embedding"] = np.frombuffer(d["embedding"], dtype="<f4") if d.get("embedding") else None
         out.append(d)
     return out
 

@@ -237,8 +237,9 @@ class InferenceService:
         now = time.time()
         # Plain Python floats and ints from here on: one numpy call per request, not one per image and field.
         winners = result.probabilities.argmax(axis=1).tolist()
-        for i, (im, (mean, std), probs, k) in enumerate(
-            zip(images, prepared.stats, result.probabilities.tolist(), winners, strict=True)
+        embeddings = result.embeddings if result.embeddings is not None else [None] * len(images)
+        for i, (im, (mean, std), probs, k, emb) in enumerate(
+            zip(images, prepared.stats, result.probabilities.tolist(), winners, embeddings, strict=True)
         ):
             label, conf = handle.classes[k], probs[k]
             m.predictions.labels(role=role, version=handle.version, label=label).inc()
@@ -267,8 +268,11 @@ class InferenceService:
                     conf,
                     prob_map,
                     latency_ms=total_s * 1000,
+                    bundle_sha256=handle.bundle_sha256,
+                    embedding=emb,
                 ),
                 im.payload,
+                im.pixels,
             )
         if challenger is not None and self.config.shadow and not canary:
             self._shadow(challenger, images, [p["label"] for p in predictions], route, request_id)
@@ -294,10 +298,10 @@ class InferenceService:
                     route: str, request_id: str) -> None:  # fmt: skip
         try:
             start = time.perf_counter()
-            probs = challenger.infer(challenger.preprocess([im.pixels for im in images]))
+            probs, embeddings = challenger.infer(challenger.preprocess([im.pixels for im in images]))
             latency_ms = (time.perf_counter() - start) * 1000
             now = time.time()
-            for i, (im, p, champ) in enumerate(zip(images, probs, champion_labels, strict=True)):
+            for i, (im, p, champ, emb) in enumerate(zip(images, probs, champion_labels, embeddings, strict=True)):
                 k = int(np.argmax(p))
                 label = challenger.classes[k]
                 agree = label == champ
@@ -308,7 +312,8 @@ class InferenceService:
                     now, request_id, i, "shadow", challenger.name, challenger.version, route, im.sha256, im.fmt,
                     int(im.pixels.shape[1]), int(im.pixels.shape[0]), "I;16" if im.bit_depth == 16 else "L",
                     im.bit_depth, mean, std, label, float(p[k]),
-                    {c: float(v) for c, v in zip(challenger.classes, p, strict=True)}, agree, latency_ms))  # fmt: skip
+                    {c: float(v) for c, v in zip(challenger.classes, p, strict=True)}, agree, latency_ms,
+                    challenger.bundle_sha256, emb), None, im.pixels)  # fmt: skip
         except Exception:  # a broken challenger must never affect the champion: count it, log it, move on
             self.metrics.shadow_errors.inc()
             log.exception("shadow inference failed for request %s", request_id)
