@@ -373,17 +373,29 @@ def test_metrics(client, weld_pngs):
     assert delta("weld_prediction_confidence_count") == 2
     info = {dict(lab)["role"]: dict(lab) for (n, lab), v in after.items() if n == "weld_model_info" and v == 1}
     assert info["champion"]["version"] == "1.0-test" and info["champion"]["name"] == MODEL
-    assert len(info["champion"]["bundle_sha256"]) == 64
+    assert len(info["champion"]["bundle_sha256"]) == 64 and info["champion"]["runtime"] == "onnxruntime"
+    assert "challenger" not in info, "no challenger loaded: no challenger series (not one with empty labels)"
 
 
 # ------------------------------------------------------------------------------------------------------- v2
+def test_protocol_details_stock_clients_check(client):
+    """405 names the allowed methods; the unversioned routes take no version from the query string."""
+    r = client.get("/v1/predict")
+    assert r.status_code == 405 and "POST" in r.headers["allow"] and "error" in r.json()
+    assert client.put(f"/v2/models/{MODEL}/infer").headers["allow"] == "POST"
+    assert client.get(f"/v2/models/{MODEL}?version=nope").status_code == 200, "?version= is not part of the route"
+    assert client.get(f"/v2/models/{MODEL}/versions/nope").status_code == 404
+    body = tensor("UINT8", [2, 2], [0] * 4)
+    assert client.post(f"/v2/models/{MODEL}/infer?version=nope", json=body).status_code == 200
+
+
 def test_v2_server_and_model_metadata(client, serving_predictor):
     meta = client.get("/v2").json()
     assert meta["name"] and meta["version"] and "binary_tensor_data" in meta["extensions"]
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").status_code == 200
     model = client.get(f"/v2/models/{MODEL}").json()
-    assert model["name"] == MODEL and model["versions"] == ["1.0-test"] and model["platform"]
+    assert model["name"] == MODEL and model["versions"] == ["1.0-test"] and model["platform"] == "onnxruntime_onnx"
     assert model["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 64, 64]}]
     assert {o["name"]: (o["datatype"], o["shape"]) for o in model["outputs"]} == {
         "probabilities": ("FP32", [-1, 4]),
@@ -678,6 +690,23 @@ V2_BAD_INPUTS: dict[str, tuple[Callable[[Any], dict[str, Any]], int | tuple[int,
         "parameters",
     ),
     "id not a string": (lambda im: {"json": tensor("UINT8", [2, 2], [0] * 4, id={"a": 1})}, 400, "id"),
+    "unknown input name": (
+        lambda im: {"json": {"inputs": [{**tensor("UINT8", [2, 2], [0] * 4)["inputs"][0], "name": "foo"}]}},
+        400,
+        "'image'",
+    ),
+    "uint8 fractions": (lambda im: {"json": tensor("UINT8", [1, 2, 2], [0, 1.7, 2, 3])}, 400, "whole numbers"),
+    "uint8 booleans": (lambda im: {"json": tensor("UINT8", [1, 2, 2], [True, 0, 1, 2])}, 400, "whole numbers"),
+    "data nested deeper than 4 dimensions": (
+        lambda im: {"json": tensor("UINT8", [1, 1, 1, 1], [[[[[[0]]]]]])},
+        400,
+        "nested",
+    ),
+    "deeply nested json": (
+        lambda im: {"content": b"[" * 5000 + b"]" * 5000, "headers": {"content-type": "application/json"}},
+        400,
+        "nested too deeply",
+    ),
     "bad header length": (
         lambda im: {
             "content": b'{"inputs": []}',
@@ -894,6 +923,8 @@ def test_limits(limited_client, weld_images, weld_pngs):
 # -------------------------------------------------------------------------------------------------------- auth
 def test_admin_reload_requires_the_key(client):
     assert "X-API-Key" in assert_client_error(client.post("/v1/admin/reload"), 401)
+    challenge = client.post("/v1/admin/reload").headers["www-authenticate"]
+    assert challenge.startswith("ApiKey ") and 'header="X-API-Key"' in challenge  # RFC 9110: a 401 says how
     assert_client_error(client.post("/v1/admin/reload", headers={"x-api-key": "wrong"}), 401)
     assert_client_error(client.post("/v1/admin/reload", headers={"x-api-key": ADMIN_KEY + "x"}), 401)
     assert_client_error(client.post("/v1/admin/reload", headers={"x-api-key": ADMIN_KEY[:-1]}), 401)
@@ -1280,6 +1311,8 @@ def test_rollout_is_switched_at_run_time(registry_with_challenger, isolated_stat
         for body in ({}, {"canary_fraction": 1.5}, {"canary_fraction": "half"}, {"shadow": "yes"}, {"canary": 0.1}, []):
             assert_client_error(c.post("/v1/admin/rollout", json=body, headers=key), 400)
         assert_client_error(c.post("/v1/admin/rollout", content=b"{not json", headers=key), 400)
+        nested = b"[" * 2000 + b"]" * 2000  # fits the 4 KB body limit, exhausts the JSON parser's stack
+        assert_client_error(c.post("/v1/admin/rollout", content=nested, headers=key), 400)
         assert c.get("/v1/model").json()["serving"]["canary_fraction"] == 0.0
 
         def roles() -> dict[str, str]:

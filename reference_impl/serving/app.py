@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/tiff", "application/octet-stream")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# RFC 9110: a 401 names how to authenticate. No registered scheme covers API keys; this names the header to send.
+AUTH_CHALLENGE = {"WWW-Authenticate": 'ApiKey realm="weld-inference", header="X-API-Key"'}
 
 
 def request_id_of(request: Request) -> str:
@@ -162,11 +164,12 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
         if config.admin_key is None:
             raise ClientError(403, "the admin API is disabled: start the server with MLOPS_ADMIN_KEY set")
         if not _check_key(request.headers.get("x-api-key"), config.admin_key):
-            raise ClientError(401, "missing or wrong X-API-Key header for an admin route")
+            raise ClientError(401, "missing or wrong X-API-Key header for an admin route", AUTH_CHALLENGE)
 
     def check_predict_key(request: Request) -> None:
         if config.predict_key is not None and not _check_key(request.headers.get("x-api-key"), config.predict_key):
-            raise ClientError(401, "missing or wrong X-API-Key header (this server requires a key for predictions)")
+            raise ClientError(401, "missing or wrong X-API-Key header (this server requires a key for predictions)",
+                              AUTH_CHALLENGE)  # fmt: skip
 
     app.state.require_predict_key = check_predict_key  # the v2 infer route checks it too
 
@@ -190,7 +193,8 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        # keep Starlette's headers: a 405 carries the `Allow` list of methods the route does accept
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
@@ -266,7 +270,8 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
 
         try:
             body = json.loads(await read_body(request, 4096) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        # RecursionError: a few hundred nested brackets fit in 4 KB and exhaust the parser's stack
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise ClientError(400, 'the body must be JSON such as {"canary_fraction": 0.25, "shadow": true}') from None
         if not isinstance(body, dict) or not body or set(body) - {"canary_fraction", "shadow"}:
             raise ClientError(400, f"expected an object with 'canary_fraction' and/or 'shadow'; got {body!r:.200}")

@@ -9,6 +9,8 @@ Each app gets its own ``CollectorRegistry`` so several servers (e.g. in tests) n
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -50,8 +52,11 @@ class ServerMetrics:
 
     def set_model(self, handle: object | None, role: str) -> None:
         if handle is None:
-            self.model_info.labels(role=role).info({"name": "", "version": "", "bundle_sha256": ""})
+            # No model in this role: no series at all (an empty-labelled `role="challenger"` line read as "a
+            # challenger is loaded" on dashboards that count series).
+            with contextlib.suppress(KeyError):
+                self.model_info.remove(role)
             return
-        self.model_info.labels(role=role).info(
-            {"name": handle.name, "version": handle.version, "bundle_sha256": handle.bundle_sha256}  # type: ignore[attr-defined]
-        )
+        info = {"name": handle.name, "version": handle.version, "bundle_sha256": handle.bundle_sha256,  # type: ignore[attr-defined]
+                "runtime": handle.predictor.runtime}  # type: ignore[attr-defined]  # fmt: skip
+        self.model_info.labels(role=role).info(info)

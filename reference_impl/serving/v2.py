@@ -33,6 +33,9 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
 PIXEL_TYPES = {"UINT8": np.uint8, "UINT16": np.uint16, "FP32": np.float32}
 OUTPUTS = ("probabilities", "label", "class_index")
+INPUT = "image"
+# Triton's platform names, so stock tooling recognises what runs the model
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torch": "pytorch_libtorch"}
 
 
 def _service(request: Request) -> Any:
@@ -49,6 +52,12 @@ def _check_model(request: Request, name: str, version: str | None = None) -> Any
     if version is not None and version != handle.version:
         raise ClientError(404, f"model {name!r} has no loaded version {version!r} (loaded: {handle.version})")
     return handle
+
+
+def _path_version(request: Request) -> str | None:
+    """The ``{version}`` of a versioned route, from the path only. (As a function argument, FastAPI would also read
+    it from a ``?version=`` query on the unversioned route, which the protocol does not have.)"""
+    return request.path_params.get("version")
 
 
 @router.get("")
@@ -70,15 +79,15 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/models/{name}")
 @router.get("/models/{name}/versions/{version}")
-async def model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
-    handle = _check_model(request, name, version)
+async def model_metadata(request: Request, name: str) -> dict[str, Any]:
+    handle = _check_model(request, name, _path_version(request))
     h, w = handle.bundle.preprocess.size
     k = len(handle.classes)
     return {
         "name": handle.name,
         "versions": [handle.version],
-        "platform": "pytorch",
-        "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, h, w]}],
+        "platform": PLATFORMS.get(handle.predictor.runtime, handle.predictor.runtime),
+        "inputs": [{"name": INPUT, "datatype": "UINT8", "shape": [-1, h, w]}],
         "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
             {"name": "label", "datatype": "BYTES", "shape": [-1]},
@@ -90,9 +99,9 @@ async def model_metadata(request: Request, name: str, version: str | None = None
 
 @router.get("/models/{name}/ready")
 @router.get("/models/{name}/versions/{version}/ready")
-async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
+async def model_ready(request: Request, name: str) -> JSONResponse:
     try:
-        handle = _check_model(request, name, version)
+        handle = _check_model(request, name, _path_version(request))
     except ClientError as exc:
         if exc.status == 404:
             raise
@@ -112,6 +121,8 @@ def _split_binary(body: bytes, header_length: str | None) -> tuple[dict[str, Any
         payload = json.loads(json_part)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ClientError(400, f"request body is not valid JSON: {exc}") from exc
+    except RecursionError:  # ~1,000 nested brackets exhaust the parser's stack: a hostile body, not our failure
+        raise ClientError(400, "request body is nested too deeply to be a v2 inference request") from None
     if not isinstance(payload, dict):
         raise ClientError(400, "request body must be a JSON object with an 'inputs' list")
     return payload, binary
@@ -142,9 +153,11 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
-def _flatten(data: Any) -> list[Any]:
+def _flatten(data: Any, depth: int = 0) -> list[Any]:
+    if depth > 4:  # [N, C, H, W] is the deepest tensor an image input has
+        raise ClientError(400, "tensor 'data' is nested deeper than the input's 4 dimensions")
     if isinstance(data, list) and data and isinstance(data[0], list):
-        return [x for row in data for x in _flatten(row)]
+        return [x for row in data for x in _flatten(row, depth + 1)]
     if not isinstance(data, list):
         raise ClientError(400, "tensor 'data' must be a JSON array")
     return data
@@ -158,6 +171,8 @@ def _tensor_images(
     shape = tensor.get("shape")
     if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
         raise ClientError(400, "each input needs 'name' (string), 'datatype' (string) and 'shape' (list of ints)")
+    if name != INPUT:
+        raise ClientError(400, f"unknown input {name!r}: this model has one input, {INPUT!r} (see the model metadata)")
     # bool is a subclass of int in Python: `true` is not a dimension.
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ClientError(400, f"input {name!r}: shape must be non-negative integers, got {shape}")
@@ -196,8 +211,13 @@ def _tensor_images(
     if h * w > max_pixels:
         raise ClientError(413, f"input {name!r}: {h}x{w} images exceed the limit of {max_pixels:,} pixels")
     dtype = np.dtype(PIXEL_TYPES[datatype]).newbyteorder("<")
+    values = _flatten(tensor["data"]) if raw is None else []
+    # numpy would truncate 1.7 to 1 and read `true` as 1: integer pixels must be integers in the JSON
+    bad = next((v for v in values if type(v) is not int), None) if datatype != "FP32" else None
+    if bad is not None:
+        raise ClientError(400, f"input {name!r}: {datatype} data must be whole numbers, got {bad!r}")
     try:
-        arr = np.frombuffer(raw, dtype=dtype) if raw is not None else np.asarray(_flatten(tensor["data"]), dtype)
+        arr = np.frombuffer(raw, dtype=dtype) if raw is not None else np.asarray(values, dtype)
     # OverflowError: numpy 2 refuses e.g. 300 or -1 for UINT8 instead of wrapping around; that is the client's.
     except (ValueError, TypeError, OverflowError) as exc:
         raise ClientError(400, f"input {name!r}: data is not a flat list of {datatype} numbers ({exc})") from exc
@@ -242,9 +262,9 @@ def _encode_output(name: str, values: np.ndarray | list[str], binary: bool) -> t
 
 @router.post("/models/{name}/infer")
 @router.post("/models/{name}/versions/{version}/infer")
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
+async def infer(request: Request, name: str) -> Response:
     request.app.state.require_predict_key(request)
-    _check_model(request, name, version)
+    _check_model(request, name, _path_version(request))
     config = request.app.state.config
     body = await read_body(request, config.max_body_bytes)
     payload, binary = _split_binary(body, request.headers.get("inference-header-content-length"))
