@@ -508,16 +508,17 @@ def test_integrity_flags_size_bit_depth_format_and_unreadable() -> None:
     for r in rows[5:9]:
         r.update(input_format="tiff")
     rows[9]["input_format"] = None  # a tensor input (v2): no file format to check
-    report = check_window(rows, EXPECTED, unreadable=2)
-    assert report["size_mismatch"] == 3
-    assert report["bit_depth_mismatch"] == 2
-    assert report["format_mismatch"] == 4
-    assert report["unreadable"] == 2
-    assert report["failures"] == 3 + 2 + 4 + 2
+    rows[10].update(width=128, height=128, bit_depth=16, input_format="tiff")  # one image breaking three rules
+    report = check_window(rows, EXPECTED, unreadable=2, rejected=1)
+    assert report["size_mismatch"] == 3 + 1
+    assert report["bit_depth_mismatch"] == 2 + 1
+    assert report["format_mismatch"] == 4 + 1
+    assert report["unreadable"] == 2 and report["rejected"] == 1
+    assert report["failures"] == 3 + 2 + 4 + 1 + 2 + 1, "inputs that failed, each once (not 13 rule violations)"
     assert report["tensor_inputs"] == 1
-    assert report["formats_seen"] == {"png": 35, "tiff": 4, "tensor": 1}
-    assert report["bit_depths_seen"] == {"8": 38, "16": 2}
-    assert report["sizes_seen"]["128x128"] == 3
+    assert report["formats_seen"] == {"png": 34, "tiff": 5, "tensor": 1}
+    assert report["bit_depths_seen"] == {"8": 37, "16": 3}
+    assert report["sizes_seen"]["128x128"] == 4
 
 
 def test_integrity_volume_ratio() -> None:

@@ -32,16 +32,18 @@ def check_window(
     ``unreadable``: stored images of the window that could not be decoded; ``rejected``: uploads the server
     refused as bad input during the window's time span.
 
-    Returns counts per kind of violation, their total (``failures``), the formats/sizes seen, and the volume
-    ratio against the previous window (``None`` for the first window).
+    Returns counts per kind of violation, ``failures`` (how many *inputs* failed: a logged image that breaks
+    several rules counts once, so the number can be read against the window's size; unreadable and refused inputs
+    are added), the formats/sizes seen, and the volume ratio against the previous window (``None`` for the first
+    window).
     """
     widths, heights = set(expected.get("widths", [])), set(expected.get("heights", []))
     depths, formats = set(expected.get("bit_depths", [])), set(expected.get("formats", []))
-    size_mismatch = sum(
-        1 for r in rows if (widths and r["width"] not in widths) or (heights and r["height"] not in heights)
-    )
-    depth_mismatch = sum(1 for r in rows if depths and r["bit_depth"] not in depths)
-    format_mismatch = sum(1 for r in rows if r.get("input_format") and formats and r["input_format"] not in formats)
+    bad_size = [bool((widths and r["width"] not in widths) or (heights and r["height"] not in heights)) for r in rows]
+    bad_depth = [bool(depths and r["bit_depth"] not in depths) for r in rows]
+    bad_format = [bool(r.get("input_format") and formats and r["input_format"] not in formats) for r in rows]
+    size_mismatch, depth_mismatch, format_mismatch = sum(bad_size), sum(bad_depth), sum(bad_format)
+    failed_rows = sum(1 for checks in zip(bad_size, bad_depth, bad_format, strict=True) if any(checks))
     tensor_inputs = sum(1 for r in rows if not r.get("input_format"))
     span_min = (rows[-1]["ts"] - rows[0]["ts"]) / 60 if len(rows) > 1 else 0.0
     rate = len(rows) / span_min if span_min > 0 else None
@@ -55,7 +57,7 @@ def check_window(
     }
     return {
         **counts,
-        "failures": sum(counts.values()),
+        "failures": failed_rows + unreadable + rejected,
         "tensor_inputs": tensor_inputs,
         "formats_seen": dict(Counter(r.get("input_format") or "tensor" for r in rows)),
         "sizes_seen": dict(Counter(f"{r['width']}x{r['height']}" for r in rows)),
