@@ -14,7 +14,7 @@ import time
 
 from reference_impl.settings import Settings
 
-BENCHMARKS = ("foundation", "runtime", "serving", "labs", "drift", "robustness")
+BENCHMARKS = ("foundation", "runtime", "serving", "ood", "labs", "drift", "robustness")
 
 
 def main(argv: list[str] | None = None) -> int:

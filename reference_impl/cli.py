@@ -82,7 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         bundle = package_with_profile(result, Path(args.out), seed=settings.seed, model_name=settings.model_name,
                                       model_version=args.version or time.strftime("%Y%m%d%H%M%S"),
-                                      data_manifest=manifest)  # fmt: skip
+                                      data_manifest=manifest,
+                                      ood_false_flag_rate=settings.policy.drift.ood_false_flag_rate)  # fmt: skip
     training.save_metrics(result, Path(args.out).with_name(Path(args.out).name + "-metrics"))
     print(f"test accuracy {result.metrics['accuracy']:.2%} in {result.seconds:.1f} s; bundle: {bundle}")
     return 0

@@ -278,6 +278,56 @@ def generate(
 # --------------------------------------------------------------------------------------------------------------
 
 
+def sample_photographs() -> list[Path]:
+    """Real photographs that ship inside installed packages (matplotlib's sample data; scikit-learn's sample images
+    when it is installed): a local source of images that are certainly not weld radiographs. Nothing is downloaded."""
+    import importlib.util
+
+    import matplotlib
+
+    found = [Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"]
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.origin:
+        images = Path(spec.origin).parent / "datasets" / "images"
+        found += [images / "china.jpg", images / "flower.jpg"]
+    return [p for p in found if p.is_file()]
+
+
+def not_welds(n: int, *, seed: int = 0, size: int = 64) -> np.ndarray:
+    """``n`` grayscale images that are not weld radiographs, ``(n, size, size)`` uint8: half random crops of the
+    :func:`sample_photographs` at random scales, half synthetic textures (noise, flat fields, gradients, checkers,
+    stripes). What the out-of-distribution flag must catch (chapter: "Monitoring in production")."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    photos = [np.asarray(Image.open(p).convert("L")) for p in sample_photographs()]
+    out = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        if photos and i % 2 == 0:
+            photo = photos[int(rng.integers(len(photos)))]
+            h, w = photo.shape
+            side = int(rng.integers(min(48, h, w), min(h, w) + 1))
+            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            crop = Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
+            out[i] = np.asarray(crop)
+            continue
+        kind = int(rng.integers(5))
+        yy, xx = np.indices((size, size))
+        if kind == 0:
+            tex = rng.integers(0, 256, (size, size))
+        elif kind == 1:
+            tex = np.full((size, size), rng.integers(0, 256))
+        elif kind == 2:
+            tex = (xx if rng.random() < 0.5 else yy) * 255 / (size - 1)
+        elif kind == 3:
+            cell = int(rng.integers(2, 17))
+            tex = ((yy // cell + xx // cell) % 2) * 255
+        else:
+            tex = 127.5 + 127.5 * np.sin(xx / rng.uniform(1.0, 6.0))
+        out[i] = np.clip(tex, 0, 255).astype(np.uint8)
+    return out
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

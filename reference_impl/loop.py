@@ -389,6 +389,7 @@ class _Run:
             data_manifest=data_dir / data.MANIFEST_NAME,
             n_reference=c.n_reference,
             n_null=c.n_null,
+            ood_false_flag_rate=s.policy.drift.ood_false_flag_rate,
         )
         self.result.bundle_dir = bundle_dir
         self._verify(bundle_dir, result, baseline.images[:64])
@@ -817,9 +818,9 @@ def baseline_bundle(
 
     settings = settings or Settings.from_env()
     config = training.TrainConfig(epochs=epochs, seed=settings.seed, device="cpu")
-    # the name says how it was trained and packaged (p2: monitoring profile v1 and the ONNX export), so a changed
-    # recipe trains a new one
-    target = settings.bundles_dir / f"baseline-seed{settings.seed}-n{n_images}-e{epochs}-b{config.batch_size}-p2"
+    # the name says how it was trained and packaged (p3: monitoring profile v1, the ONNX export and the
+    # out-of-distribution detector), so a changed recipe trains a new one
+    target = settings.bundles_dir / f"baseline-seed{settings.seed}-n{n_images}-e{epochs}-b{config.batch_size}-p3"
     if target.exists():
         try:
             verify_bundle(target)
@@ -843,6 +844,7 @@ def baseline_bundle(
         model_name=settings.model_name,
         model_version="1",
         data_manifest=data_dir / data.MANIFEST_NAME,
+        ood_false_flag_rate=settings.policy.drift.ood_false_flag_rate,
     )
     try:
         (tmp / "bundle").rename(target)

@@ -49,6 +49,9 @@ class DriftPolicy:
     psi_alert: float = 0.25  # PSI at or above this: major shift, an alert
     false_alarm_rate: float = 0.05  # share of drift-free windows allowed to alarm; KS/MMD thresholds calibrate to it
     window_size: int = 200  # production images per drift test
+    # share of normal images the per-image out-of-distribution flag may flag (calibrated at packaging); optional in
+    # the overlay so files written before it existed keep working
+    ood_false_flag_rate: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -376,7 +379,11 @@ def _drift(c: Checker, d: Mapping[str, Any], key: str) -> DriftPolicy:
         d, key, "false_alarm_rate", "a number between 0 and 1, exclusive (e.g. 0.05 = 5 %)", lambda v: 0 < v < 1
     )
     window = c.whole(d, key, "window_size", "a whole number of images, at least 30", 30)
-    return DriftPolicy(psi_warn, psi_alert, far, window)  # type: ignore[arg-type]
+    ood = DriftPolicy.ood_false_flag_rate
+    if "ood_false_flag_rate" in d:
+        ood = c.number(d, key, "ood_false_flag_rate", "a number between 0 and 0.5 (e.g. 0.01 = 1 %)",
+                       lambda v: 0 < v <= 0.5)  # fmt: skip
+    return DriftPolicy(psi_warn, psi_alert, far, window, ood)  # type: ignore[arg-type]
 
 
 def _alerts(c: Checker, a: Mapping[str, Any], key: str) -> AlertPolicy:
@@ -426,7 +433,7 @@ _SECTIONS = {
     "serving": _serving,
 }
 _SECTION_KEYS = {
-    "drift": ("psi_warn", "psi_alert", "false_alarm_rate", "window_size"),
+    "drift": ("psi_warn", "psi_alert", "false_alarm_rate", "window_size", "ood_false_flag_rate"),
     "alerts": ("routes", "cooldown_minutes"),
     "retraining": ("cadence_days", "min_new_labels", "approval_required", "approvers", "drift_windows", "min_accuracy"),
     "promotion_gate": ("min_accuracy_gain", "max_class_recall_drop"),

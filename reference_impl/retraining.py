@@ -952,6 +952,7 @@ def register_challenger(
         data_manifest=manifest,
         n_reference=n_reference,
         n_null=n_null,
+        ood_false_flag_rate=settings.policy.drift.ood_false_flag_rate,
         condition=condition,
         severity=severity,
     )

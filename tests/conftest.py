@@ -70,6 +70,25 @@ def bundle_dir(small_training, data_manifest, tmp_path_factory: pytest.TempPathF
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# A smaller reference / null pool than the packaging default keeps the profile build to a few seconds.
+PROFILE_N_REFERENCE = 400
+PROFILE_N_NULL = 800
+
+
+@pytest.fixture(scope="session")
+def profile_bundle(small_training, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's small model packaged WITH a monitoring profile and out-of-distribution detector (the
+    ``bundle_dir`` bundle has neither, like a bundle made with plain ``save_bundle``)."""
+    from reference_impl import packaging
+    from reference_impl.monitoring.profile import package_with_profile
+
+    out = tmp_path_factory.getbasetemp() / "profile-bundle"
+    if not (out / packaging.MANIFEST).is_file():
+        package_with_profile(small_training, out, seed=0, model_name="weld-test", model_version="1.0-profile",
+                             data_manifest=None, n_reference=PROFILE_N_REFERENCE, n_null=PROFILE_N_NULL)  # fmt: skip
+    return out
+
+
 @pytest.fixture(scope="session")
 def serving_predictor(bundle_dir):
     """The in-process Predictor for the session bundle: the reference every served answer is compared with."""

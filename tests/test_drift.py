@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PROFILE_N_NULL, PROFILE_N_REFERENCE
 
+from reference_impl import data
 from reference_impl.monitoring.drift import (
     PSI_EPS,
     DriftDetector,
@@ -33,28 +35,6 @@ from reference_impl.monitoring.drift import (
     psi_band,
     replay_budget,
 )
-
-# A smaller reference / null pool than the packaging default keeps the profile build to a few seconds; the
-# calibration replays windows drawn with replacement from half the null pool (400).
-PROFILE_N_REFERENCE = 400
-PROFILE_N_NULL = 800
-
-
-@pytest.fixture(scope="session")
-def profile_bundle(small_training, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's small model packaged WITH a monitoring profile (the conftest bundle has none).
-
-    Built once per session into a fixed folder under pytest's base temp dir: tests/test_monitor_job.py defines
-    the same fixture and reuses the folder instead of profiling the model a second time.
-    """
-    from reference_impl.monitoring.profile import package_with_profile
-    from reference_impl.packaging import MANIFEST
-
-    out = tmp_path_factory.getbasetemp() / "profile-bundle"
-    if not (out / MANIFEST).is_file():
-        package_with_profile(small_training, out, seed=0, model_name="weld-test", model_version="1.0-profile",
-                             data_manifest=None, n_reference=PROFILE_N_REFERENCE, n_null=PROFILE_N_NULL)  # fmt: skip
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -599,7 +579,7 @@ def test_profile_round_trip(profile, tmp_path: Path) -> None:
     from reference_impl.monitoring.profile import PROFILE_JSON, PROFILE_NPZ, ReferenceProfile
 
     files = profile.to_files()
-    assert set(files) == {PROFILE_JSON, PROFILE_NPZ}
+    assert set(files) == {PROFILE_JSON, PROFILE_NPZ, "monitoring/ood.json"}
     for rel, payload in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(payload)
@@ -673,3 +653,53 @@ def test_profile_error_for_a_bundle_without_profile(bundle_dir: Path, tmp_path: 
     (tmp_path / "monitoring" / "profile.npz").write_bytes(b"")
     with pytest.raises(ProfileError, match="version 99"):
         ReferenceProfile.load(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The per-image out-of-distribution score (monitoring/ood.py)
+# ----------------------------------------------------------------------------------------------------------------
+def _ood_flags(bundle: Path, images: np.ndarray) -> np.ndarray:
+    from reference_impl.inference import Predictor
+    from reference_impl.monitoring.ood import OODDetector, input_features
+
+    predictor = Predictor.from_path(bundle, device="cpu")
+    detector = OODDetector.load(bundle)
+    assert detector is not None, "package_with_profile puts monitoring/ood.json into the bundle"
+    x = predictor.preprocess(images)
+    _, emb = predictor.forward(x, with_embeddings=True)
+    spec = predictor.bundle.preprocess
+    return detector.scores(emb.numpy(), input_features(x, spec.mean, spec.std)) > 1.0
+
+
+def test_ood_flags_about_the_calibrated_share_of_new_normal_images(profile_bundle: Path) -> None:
+    from reference_impl.monitoring.ood import OODDetector
+
+    detector = OODDetector.load(profile_bundle)
+    assert detector.false_flag_rate == 0.01 and detector.calibration_images == PROFILE_N_NULL
+    rate = _ood_flags(profile_bundle, data.generate(2000, seed=4242).images).mean()
+    # calibrated on 800 null-pool images to 1 %; the bound leaves room for that estimate's own sampling error
+    assert rate <= 0.03, f"{rate:.1%} of new baseline images flagged (calibrated to 1 %)"
+
+
+def test_ood_flags_images_that_are_not_weld_radiographs(profile_bundle: Path) -> None:
+    others = data.not_welds(120, seed=3)
+    assert len(data.sample_photographs()) >= 1, "matplotlib ships at least one photograph"
+    flags = _ood_flags(profile_bundle, others)
+    assert flags[0::2].mean() >= 0.95, f"photographs: {flags[0::2].mean():.0%} flagged"
+    assert flags[1::2].mean() >= 0.95, f"synthetic textures: {flags[1::2].mean():.0%} flagged"
+
+
+def test_ood_detector_round_trips_and_refuses_nonsense(profile_bundle: Path, tmp_path: Path) -> None:
+    from reference_impl.monitoring.ood import OOD_JSON, OODDetector
+
+    detector = OODDetector.load(profile_bundle)
+    (tmp_path / "monitoring").mkdir()
+    (tmp_path / OOD_JSON).write_bytes(detector.to_files()[OOD_JSON])
+    again = OODDetector.load(tmp_path)
+    rng = np.random.default_rng(0)
+    emb, feats = rng.random((5, len(detector.embedding_mean))), rng.random((5, 5))
+    assert np.array_equal(again.scores(emb, feats), detector.scores(emb, feats))
+    assert OODDetector.load(tmp_path / "old-bundle") is None, "a bundle packaged before the detector: no score"
+    assert detector.scores(emb[:0], feats[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="false_flag_rate"):
+        OODDetector.fit((emb, feats), (emb, feats), false_flag_rate=0.0)

@@ -20,22 +20,6 @@ from reference_impl.monitoring.drift import DriftDetector
 from reference_impl.settings import Settings
 
 WINDOW = 100
-# Same sizes as tests/test_drift.py: both modules share one profiled bundle folder per session.
-PROFILE_N_REFERENCE = 400
-PROFILE_N_NULL = 800
-
-
-@pytest.fixture(scope="session")
-def profile_bundle(small_training, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's small model packaged WITH a monitoring profile (shared with tests/test_drift.py)."""
-    from reference_impl.monitoring.profile import package_with_profile
-    from reference_impl.packaging import MANIFEST
-
-    out = tmp_path_factory.getbasetemp() / "profile-bundle"
-    if not (out / MANIFEST).is_file():
-        package_with_profile(small_training, out, seed=0, model_name="weld-test", model_version="1.0-profile",
-                             data_manifest=None, n_reference=PROFILE_N_REFERENCE, n_null=PROFILE_N_NULL)  # fmt: skip
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +90,8 @@ def stream(profile_bundle: Path) -> dict[str, list[Item]]:
 
 
 def write_log(settings: Settings, items: list[Item], *, t0: float = 1_800_000_000.0, step_s: float = 1.0,
-              store_images: bool = True, role: str = "champion", logged_by: str | None = None) -> None:  # fmt: skip
+              store_images: bool = True, role: str = "champion", logged_by: str | None = None,
+              ood_scores: list[float] | None = None) -> None:  # fmt: skip
     """Append rows exactly as the server's InferenceService does (one image per request).
 
     ``logged_by``: a bundle sha256; the rows then carry the image statistics and the embedding the way today's
@@ -141,6 +126,7 @@ def write_log(settings: Settings, items: list[Item], *, t0: float = 1_800_000_00
                 latency_ms=12.5,
                 bundle_sha256=logged_by,
                 embedding=it.embedding if logged_by else None,
+                ood_score=ood_scores[i] if ood_scores is not None else None,
             )
             log.append(record, it.payload, it.pixels if logged_by else None)
     finally:
@@ -397,6 +383,21 @@ def test_logged_rows_still_prove_their_stored_image(profile_bundle: Path, stream
     assert w.integrity["unreadable"] == 2 and w.drift["n"] == WINDOW - 2
     assert len(decodes) == WINDOW - 60, "only the rows of the other bundle were decoded"
     assert not w.drift["drifted"]
+
+
+def test_the_share_of_flagged_images_is_reported_and_alerted(profile_bundle: Path, stream, shared_detector) -> None:
+    """Ten photographs among 90 radiographs move no window statistic; the per-image flags the server logged do."""
+    settings = Settings.from_env()
+    scores = [0.4] * 90 + [3.0] * 10  # what the server logged: ten images above the threshold (1.0)
+    write_log(settings, stream["baseline"][:WINDOW], ood_scores=scores)
+    monitor = _monitor(profile_bundle)
+    try:
+        (w,) = monitor.run(window_size=WINDOW)
+    finally:
+        monitor.close()
+    assert w.integrity["out_of_distribution"] == 10 and w.integrity["ood_share"] == pytest.approx(0.1)
+    assert w.metrics()["integrity"]["ood_share"] == pytest.approx(0.1)
+    assert "out_of_distribution_share" in {a["rule"] for a in w.alerts}
 
 
 def test_new_16_bit_tiff_camera_is_flagged_by_integrity(profile_bundle: Path, stream) -> None:

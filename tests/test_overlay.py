@@ -119,6 +119,8 @@ MALFORMED = [
      "'200'", "window_size:"),
     ("window-too-small", ("window_size: 200", "window_size: 10"), "policy.drift.window_size", "at least 30",
      "got 10", "window_size:"),
+    ("ood-rate-too-large", ("ood_false_flag_rate: 0.01", "ood_false_flag_rate: 2"),
+     "policy.drift.ood_false_flag_rate", "between 0 and 0.5", "got 2", "ood_false_flag_rate:"),
     ("percent-sign", ("max_class_recall_drop: 0.02", "max_class_recall_drop: 5%"),
      "policy.promotion_gate.max_class_recall_drop", "must be a number between 0 and 1", "'5%'",
      "max_class_recall_drop:"),
@@ -143,6 +145,16 @@ MALFORMED = [
     ("misspelt-section", ("\npolicy:\n", "\npolcy:\n"), "polcy", "is not a known key (did you mean 'policy'?", "",
      "polcy:"),
 ]  # fmt: skip
+
+
+def test_an_overlay_written_before_the_ood_flag_existed_still_loads(tmp_path: Path, monkeypatch) -> None:
+    from reference_impl.policy import DriftPolicy, load_policy
+
+    old = tmp_path / "organization.yaml"
+    text = (REPO / "chapters" / "organization.yaml").read_text()
+    old.write_text("\n".join(line for line in text.splitlines() if "ood_false_flag_rate" not in line) + "\n")
+    monkeypatch.setenv("MLOPS_OVERLAY", str(old))
+    assert load_policy().drift.ood_false_flag_rate == DriftPolicy.ood_false_flag_rate == 0.01
 
 
 @pytest.mark.parametrize(("replacement", "key", "expected", "found", "line_text"), [m[1:] for m in MALFORMED],

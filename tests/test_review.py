@@ -553,3 +553,26 @@ def test_the_panel_says_only_what_is_known_of_a_hand_queued_item(isolated_state:
     assert "model 3 predicted <b>crack</b> with confidence 41.0%" in panel.info.value
     panel.buttons["good"].click()
     assert "None" not in panel.info.value and "no model prediction recorded" in panel.info.value
+
+
+def test_a_queue_made_before_out_of_distribution_existed_accepts_it(tmp_path: Path) -> None:
+    """SQLite cannot alter the old CHECK on `reason`: the table is rebuilt, every item and id kept."""
+    import sqlite3
+
+    from reference_impl.monitoring import review
+
+    db = tmp_path / "review.db"
+    old_schema = review.SCHEMA.replace(",\n                                           'out_of_distribution')", ")")
+    assert "out_of_distribution" not in old_schema
+    conn = sqlite3.connect(db)
+    conn.executescript(old_schema)
+    conn.execute("INSERT INTO items (input_sha256, reason, created_at) VALUES ('a' , 'low_confidence', 1.0)")
+    conn.commit()
+    with pytest.raises(sqlite3.IntegrityError):  # what a new server would have hit
+        conn.execute("INSERT INTO items (input_sha256, reason, created_at) VALUES ('b', 'out_of_distribution', 1.0)")
+    conn.close()
+    queue = ReviewQueue(Settings(state_dir=tmp_path), classes=("good", "crack"))
+    new_id = queue.enqueue("b" * 64, reason="out_of_distribution", confidence=0.99)
+    assert new_id == 2 and queue.get(1).reason == "low_confidence" and queue.get(2).reason == "out_of_distribution"
+    assert queue.claim("ann", n=2)[0].id == 2, "an out-of-distribution image outranks a low-confidence one"
+    ReviewQueue(Settings(state_dir=tmp_path), classes=("good", "crack"))  # opening again: nothing to rebuild

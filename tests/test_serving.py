@@ -1054,7 +1054,9 @@ class _CountingHandle:
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         time.sleep(0.02)  # while one batch runs, the next requests queue up together
-        return np.stack([x[:, 0, 0], -x[:, 0, 0]], axis=1), None  # "probabilities" that identify each image
+        from reference_impl.serving.batcher import Outputs
+
+        return Outputs(np.stack([x[:, 0, 0], -x[:, 0, 0]], axis=1))  # "probabilities" that identify each image
 
 
 def test_batcher_preprocesses_once_per_batch_and_isolates_a_bad_request():
@@ -1357,3 +1359,74 @@ def test_only_small_inputs_are_decoded_on_the_event_loop(weld_pngs):
     assert not _decode_inline(decode_array(np.zeros((1024, 1024), np.uint8))), "a big one: on a thread"
     padded = weld_pngs[0][:-12] + b"\x00" * (70 * 1024) + weld_pngs[0][-12:]  # a small header, a big file
     assert not _decode_inline(RawFile("padded.png", padded))
+
+
+# ------------------------------------------------------------------------------- out-of-distribution flag
+@pytest.fixture(scope="module")
+def ood_client(profile_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Path]]:
+    """A server for a bundle packaged with its monitoring profile, hence with an out-of-distribution detector."""
+    state = tmp_path_factory.mktemp("ood-state")
+    app = create_app(Settings(state_dir=state), ServingConfig(bundle_path=str(profile_bundle), device="cpu"))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c, state
+
+
+def test_every_answer_says_whether_the_image_is_out_of_distribution(ood_client):
+    c, state = ood_client
+    welds = [data.encode_png(im) for im in data.generate(20, seed=808).images]
+    others = [data.encode_png(im) for im in data.not_welds(10, seed=9)]
+    before = samples(c)
+    weld_answers = [c.post("/v1/predict", content=p, headers=PNG).json() for p in welds]
+    other_answers = [c.post("/v1/predict", content=p, headers=PNG).json() for p in others]
+    assert all(isinstance(a["ood_score"], float) for a in weld_answers + other_answers)
+    assert sum(a["out_of_distribution"] for a in weld_answers) <= 2, "calibrated to flag 1 % of normal images"
+    assert all(a["out_of_distribution"] and a["ood_score"] > 1.0 for a in other_answers)
+    assert all(a["out_of_distribution"] == (a["ood_score"] > 1.0) for a in weld_answers)
+    flagged = sum(a["out_of_distribution"] for a in weld_answers + other_answers)
+    after = samples(c)
+    assert (
+        sample(after, "weld_flagged_predictions_total", reason="out_of_distribution")
+        - sample(before, "weld_flagged_predictions_total", reason="out_of_distribution")
+        == flagged
+    )
+    described = c.get("/v1/model").json()["champion"]["out_of_distribution"]
+    assert described == {"false_flag_rate": 0.01, "calibration_images": 800}
+
+    # the prediction log has the score, and the review queue takes the flagged images first
+    from reference_impl.monitoring.review import ReviewQueue
+
+    db = state / "predictions.db"
+    wait_until(lambda: db.exists() and len(read_predictions(db)) >= 30, what="the prediction log rows")
+    scores = {r["input_sha256"]: r["ood_score"] for r in read_predictions(db)}
+    assert all(scores[a["input_sha256"]] == pytest.approx(a["ood_score"]) for a in other_answers)
+    queue = ReviewQueue(Settings(state_dir=state))
+    queue.enqueue_from_predictions(db, confidence_below=0.0)
+    queued = {i.input_sha256: i.reason for i in queue.claim("inspector", n=50)}
+    assert {a["input_sha256"] for a in other_answers} <= set(queued)
+    assert {queued[a["input_sha256"]] for a in other_answers} == {"out_of_distribution"}
+
+
+def test_v2_carries_the_flag_as_outputs(ood_client):
+    import tritonclient.http as triton
+
+    c, _ = ood_client
+    name = c.get("/v1/model").json()["champion"]["name"]
+    meta = c.get(f"/v2/models/{name}").json()
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]}["out_of_distribution"] == "BOOL"
+    stack = np.concatenate([data.generate(2, seed=1).images, data.not_welds(2, seed=2)])
+    image = triton.InferInput("image", list(stack.shape), "UINT8")
+    image.set_data_from_numpy(stack, binary_data=True)
+    wanted = [triton.InferRequestedOutput(n, binary_data=True) for n in ("ood_score", "out_of_distribution")]
+    body, json_size = triton.InferenceServerClient.generate_request_body([image], wanted)
+    headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(json_size)}
+    r = c.post(f"/v2/models/{name}/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    result = triton.InferenceServerClient.parse_response_body(
+        r.content, header_length=int(r.headers["inference-header-content-length"])
+    )
+    flags, scores = result.as_numpy("out_of_distribution"), result.as_numpy("ood_score")
+    assert flags.dtype == np.bool_ and list(flags[2:]) == [True, True]
+    assert np.array_equal(flags, scores > 1.0)
+    plain = c.post(f"/v2/models/{name}/infer", json=tensor("UINT8", list(stack.shape), stack.ravel().tolist()))
+    outputs = {o["name"]: o for o in plain.json()["outputs"]}
+    assert outputs["out_of_distribution"]["data"][2:] == [True, True]

@@ -31,7 +31,7 @@ def _scaled(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32) / scale
 
 
-def _stack_features(x: np.ndarray) -> np.ndarray:
+def stack_features(x: np.ndarray) -> np.ndarray:
     """Features of a ``(N, H, W)`` float stack in [0, 1] -> ``(N, 5)`` in DRIFT_FEATURES order."""
     n = x.shape[0]
     flat = x.reshape(n, -1)
@@ -80,7 +80,7 @@ def image_features(images: np.ndarray | Sequence[np.ndarray]) -> dict[str, np.nd
     out = np.zeros((n, len(DRIFT_FEATURES)))
     for idx in groups.values():  # same-sized images are processed as one vectorised stack
         stack = _scaled(np.asarray(items)[idx]) if stacked else np.stack([_scaled(np.asarray(items[i])) for i in idx])
-        out[idx] = _stack_features(stack)
+        out[idx] = stack_features(stack)
     result = {name: out[:, k] for k, name in enumerate(DRIFT_FEATURES)}
     result["width"] = np.array([im.shape[1] for im in items], dtype=np.float64)
     result["height"] = np.array([im.shape[0] for im in items], dtype=np.float64)

@@ -95,7 +95,11 @@ class WindowReport:
                 "accuracy_measured": self.quality["accuracy"],
                 "n_labelled": self.quality["n_labelled"],
             },
-            "integrity": {"failures": self.integrity["failures"], "volume_ratio": self.integrity["volume_ratio"]},
+            "integrity": {
+                "failures": self.integrity["failures"],
+                "volume_ratio": self.integrity["volume_ratio"],
+                "ood_share": self.integrity.get("ood_share"),
+            },
             "ops": self.ops,
             "context": {"window_id": self.window_id, "moved_features": self.drift.get("moved", [])},
         }
@@ -281,6 +285,11 @@ class Monitor:
         # What was refused and why, so the on-call person sees "cannot identify image file" at once.
         integrity["rejections_by_status"] = dict(Counter(str(r["status"]) for r in rejections))
         integrity["rejected_reasons"] = Counter(r["reason"] for r in bad_input).most_common(5)
+        # Images the server flagged one by one as unlike the reference (monitoring/ood.py); a share well above the
+        # calibrated false-flag rate means the line sends something new, even when no window statistic moved.
+        scored = [r["ood_score"] for r in rows if r.get("ood_score") is not None]
+        integrity["out_of_distribution"] = sum(1 for v in scored if v > 1.0)
+        integrity["ood_share"] = integrity["out_of_distribution"] / len(scored) if scored else None
         features = None
         if len(kept) >= 20:
             features, emb = self._features_and_embeddings(kept, logged, decoded)

@@ -23,6 +23,7 @@ import numpy as np
 
 from .drift import DriftDetector, Sample
 from .features import DRIFT_FEATURES, PCA, feature_matrix, image_features
+from .ood import OODDetector, input_features
 from .quality import fit_temperature
 
 PROFILE_JSON = "monitoring/profile.json"
@@ -46,6 +47,7 @@ class ReferenceProfile:
     temperature: float
     expected: dict[str, Any]  # integrity expectations: sizes, bit depths, formats
     reference_accuracy: float | None = None
+    ood: OODDetector | None = None  # the per-image out-of-distribution score (None in bundles made before it)
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -58,14 +60,24 @@ class ReferenceProfile:
         *,
         pca_dims: int = 16,
         formats: tuple[str, ...] = ("png",),
+        ood_false_flag_rate: float = 0.01,
     ) -> ReferenceProfile:
         """Profile a model on held-out images (``reference`` for the tests, ``null`` for calibration).
 
         ``formats``: the input file types expected in production; any other is an integrity failure.
+        ``ood_false_flag_rate``: the share of null-pool images the out-of-distribution score is calibrated to flag.
         """
         ref_pred = predictor.predict(reference_images, with_embeddings=True)
         null_pred = predictor.predict(null_images, with_embeddings=True)
         pca = PCA.fit(ref_pred.embeddings, k=pca_dims)
+        spec = predictor.bundle.preprocess
+
+        def model_input_features(images: np.ndarray) -> np.ndarray:
+            return input_features(predictor.preprocess(images), spec.mean, spec.std)
+
+        ood = OODDetector.fit((ref_pred.embeddings, model_input_features(reference_images)),
+                              (null_pred.embeddings, model_input_features(null_images)),
+                              ood_false_flag_rate)  # fmt: skip
 
         def sample(images: np.ndarray, pred: Any) -> Sample:
             return Sample(feature_matrix(image_features(images)), pred.probabilities, pca.transform(pred.embeddings))
@@ -92,6 +104,7 @@ class ReferenceProfile:
             temperature,
             expected,
             accuracy,
+            ood,
         )
 
     # -- bundle files ------------------------------------------------------------------------------------
@@ -120,7 +133,8 @@ class ReferenceProfile:
             "n_reference": len(self.reference),
             "n_null": len(self.null_pool),
         }
-        return {PROFILE_NPZ: buf.getvalue(), PROFILE_JSON: (json.dumps(meta, indent=2) + "\n").encode()}
+        files = {PROFILE_NPZ: buf.getvalue(), PROFILE_JSON: (json.dumps(meta, indent=2) + "\n").encode()}
+        return {**files, **(self.ood.to_files() if self.ood is not None else {})}
 
     @classmethod
     def load(cls, bundle_dir: str | Path) -> ReferenceProfile:
@@ -145,6 +159,7 @@ class ReferenceProfile:
             float(meta["temperature"]),
             meta["expected"],
             meta.get("reference_accuracy"),
+            OODDetector.load(root),
         )
 
     def detector(self, alpha: float = 0.05) -> DriftDetector:
@@ -172,6 +187,7 @@ def package_with_profile(
     n_null: int = 1600,
     condition: str = "baseline",
     severity: float = 0.0,
+    ood_false_flag_rate: float = 0.01,
     **kwargs: Any,
 ) -> Path:
     """Save a bundle that carries its monitoring reference profile, built from held-out images (never the
@@ -192,7 +208,8 @@ def package_with_profile(
         bundle = Bundle(Path(scratch), result.model, result.model_spec, result.preprocess, result.classes,
                         {"runtimes": {"onnxruntime": export.check}})  # fmt: skip
         predictor = Predictor(bundle, device="cpu")
-        profile = ReferenceProfile.build(predictor, reference.images, reference.labels, null.images)
+        profile = ReferenceProfile.build(predictor, reference.images, reference.labels, null.images,
+                                         ood_false_flag_rate=ood_false_flag_rate)  # fmt: skip
         return save_bundle(result, out_dir, model_name=model_name, model_version=model_version,
                            data_manifest=data_manifest, extra_files=profile.to_files(), onnx=export,
                            **kwargs)  # fmt: skip

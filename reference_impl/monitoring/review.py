@@ -37,19 +37,23 @@ if TYPE_CHECKING:
     from ..settings import Settings
 
 # Reasons in order of precedence: an image flagged for several reasons is queued once, under the first one.
-REASONS = ("shadow_disagreement", "low_confidence", "drifted_window", "random_audit")
+REASONS = ("shadow_disagreement", "out_of_distribution", "low_confidence", "drifted_window", "random_audit")
 STATUSES = ("pending", "claimed", "labelled", "skipped")
 # Higher is reviewed first. A disagreement between two models is the most informative label we can buy (one of
 # them is wrong); then uncertain predictions; audit items rank above drifted-window items so that a large drifted
 # window cannot starve the audit sample the accuracy estimate depends on. Within a reason, less confident first.
-BASE_PRIORITY = {"shadow_disagreement": 3.0, "low_confidence": 2.0, "random_audit": 1.5, "drifted_window": 1.0}
+# An out-of-distribution image comes next: the model's answer to it means little however confident it looks (a
+# photograph gets "crack" at 0.99), and only a person can say what it is and whether the line should send such images.
+BASE_PRIORITY = {"shadow_disagreement": 3.0, "out_of_distribution": 2.5, "low_confidence": 2.0, "random_audit": 1.5,
+                 "drifted_window": 1.0}  # fmt: skip
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     input_sha256 TEXT NOT NULL,
     image_path TEXT,                      -- the prediction log's content-addressed copy; NULL if not stored
-    reason TEXT NOT NULL CHECK (reason IN ('low_confidence', 'shadow_disagreement', 'drifted_window', 'random_audit')),
+    reason TEXT NOT NULL CHECK (reason IN ('low_confidence', 'shadow_disagreement', 'drifted_window', 'random_audit',
+                                           'out_of_distribution')),
     model_version TEXT,
     predicted_label TEXT,
     confidence REAL,
@@ -182,6 +186,7 @@ class ReviewQueue:
         conn = self._connect()
         try:
             conn.execute("PRAGMA journal_mode=WAL")  # readers (stats, the widget) never block a reviewer's commit
+            _upgrade_reasons(conn)
             conn.executescript(SCHEMA)
         finally:
             conn.close()
@@ -319,6 +324,7 @@ class ReviewQueue:
     ) -> int:
         """Scan the prediction log and queue what deserves a human look; returns the number of items added.
 
+        - served answers the server flagged as out of distribution (``ood_score`` above 1) -> ``out_of_distribution``;
         - served answers (champion or canary rows) with confidence below ``confidence_below`` -> ``low_confidence``;
         - shadow rows that disagree with the champion -> ``shadow_disagreement`` (the item shows the champion's
           answer, the one the line acted on);
@@ -355,6 +361,8 @@ class ReviewQueue:
                 if not (include_shadow_disagreements and r["agrees_with_champion"] == 0):
                     continue
                 reason, row = "shadow_disagreement", served.get((r["request_id"], r["item"]), r)
+            elif (r.get("ood_score") or 0.0) > 1.0:
+                reason, row = "out_of_distribution", r
             elif r["confidence"] < confidence_below:
                 reason, row = "low_confidence", r
             elif r["request_id"] in window:
@@ -597,3 +605,23 @@ def _stored_image(images: Path, sha: str, fmt: str | None) -> str | None:
         return str(exact)
     others = [p for p in (images / sha[:2]).glob(f"{sha}.*") if not p.name.endswith(".tmp")]
     return str(others[0]) if others else None
+
+
+def _upgrade_reasons(conn: sqlite3.Connection) -> None:
+    """A queue created before ``out_of_distribution`` existed has a CHECK constraint that refuses it. SQLite cannot
+    alter a constraint, so the table is rebuilt with the current schema, every item and id kept, in one
+    transaction (a crash leaves the old table as it was)."""
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'items'").fetchone()
+    if row is None or "out_of_distribution" in row[0]:
+        return
+    table = SCHEMA.split("CREATE UNIQUE INDEX")[0].replace("CREATE TABLE IF NOT EXISTS items", "CREATE TABLE items_new")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(table)
+        conn.execute(f"INSERT INTO items_new ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM items")
+        conn.execute("DROP TABLE items")  # its indexes go with it; SCHEMA creates them again
+        conn.execute("ALTER TABLE items_new RENAME TO items")
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        conn.execute("ROLLBACK")
+        raise

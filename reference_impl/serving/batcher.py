@@ -31,6 +31,19 @@ class QueueFullError(RuntimeError):
     """The inference queue is full: the caller should answer 503 with Retry-After."""
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """What a model handle's ``infer`` returns for a batch: one row per image in each array."""
+
+    probabilities: np.ndarray  # (rows, classes)
+    embeddings: np.ndarray | None = None  # (rows, dim): what the monitor compares with the reference
+    ood_scores: np.ndarray | None = None  # (rows,): above 1.0 = out of distribution (monitoring/ood.py)
+
+    def rows(self, which: slice) -> Outputs:
+        return Outputs(self.probabilities[which], None if self.embeddings is None else self.embeddings[which],
+                       None if self.ood_scores is None else self.ood_scores[which])  # fmt: skip
+
+
 @dataclass
 class BatchResult:
     probabilities: np.ndarray  # (rows, classes) for this request
@@ -40,12 +53,13 @@ class BatchResult:
     inference_seconds: float  # the batch's forward pass
     batch_size: int
     embeddings: np.ndarray | None = None  # (rows, dim), when the model gives them with its answer
+    ood_scores: np.ndarray | None = None  # (rows,), when the bundle has an out-of-distribution detector
 
 
 @dataclass
 class _Item:
     pixels: list[np.ndarray]  # decoded images, preprocessed with the rest of the batch
-    handle: Any  # has .preprocess(list of arrays) -> tensor and .infer(tensor) -> (probabilities, embeddings|None)
+    handle: Any  # has .preprocess(list of arrays) -> tensor and .infer(tensor) -> Outputs
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -59,7 +73,7 @@ def _preprocess_and_infer(handle: Any, pixels: list[np.ndarray]) -> tuple[Any, f
     start = time.perf_counter()
     x = handle.preprocess(pixels)
     preprocessed = time.perf_counter()
-    outputs = handle.infer(x)  # (probabilities, embeddings or None)
+    outputs = handle.infer(x)
     return outputs, preprocessed - start, time.perf_counter() - preprocessed
 
 
@@ -156,8 +170,8 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            (probs, emb), prep_s, infer_s = await loop.run_in_executor(self._executor, _preprocess_and_infer, handle,
-                                                                       pixels)  # fmt: skip
+            outputs, prep_s, infer_s = await loop.run_in_executor(self._executor, _preprocess_and_infer, handle,
+                                                                   pixels)  # fmt: skip
         except Exception as exc:  # any failure must reach the waiting requests, not kill the worker
             if len(items) > 1:
                 # One request's bad input must not fail the others it was batched with: run each on its own.
@@ -176,7 +190,7 @@ class MicroBatcher:
         offset = 0
         for it in items:
             if not it.future.done():  # the client may have gone away
-                rows = slice(offset, offset + it.rows)
-                it.future.set_result(BatchResult(probs[rows], handle, started - it.enqueued, prep_s, infer_s,
-                                                 len(pixels), None if emb is None else emb[rows]))  # fmt: skip
+                mine = outputs.rows(slice(offset, offset + it.rows))
+                it.future.set_result(BatchResult(mine.probabilities, handle, started - it.enqueued, prep_s, infer_s,
+                                                 len(pixels), mine.embeddings, mine.ood_scores))  # fmt: skip
             offset += it.rows

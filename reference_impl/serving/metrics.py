@@ -48,6 +48,8 @@ class ServerMetrics:
         self.shadow_dropped = Counter("weld_shadow_dropped", "Shadow work dropped because its queue was full",
                                       registry=r)  # fmt: skip
         self.model_info = Info("weld_model", "The loaded models", ["role"], registry=r)
+        self.flagged = Counter("weld_flagged_predictions", "Predictions flagged for human review, by reason",
+                               ["reason"], registry=r)  # fmt: skip
         self.reloads = Counter("weld_model_reloads", "Hot reloads by outcome", ["outcome"], registry=r)
 
     def set_model(self, handle: object | None, role: str) -> None:

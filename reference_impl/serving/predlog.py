@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     latency_ms REAL,
     bundle_sha256 TEXT,               -- the bundle that answered (its embedding space)
     features TEXT,                    -- JSON {name: value}: the monitor's image statistics (monitoring/features.py)
-    embedding BLOB                    -- the model's embedding, float32 little-endian
+    embedding BLOB,                   -- the model's embedding, float32 little-endian
+    ood_score REAL                    -- out-of-distribution score; above 1.0 = flagged (monitoring/ood.py)
 );
 CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
 CREATE INDEX IF NOT EXISTS predictions_sha ON predictions (input_sha256);
@@ -71,7 +72,7 @@ CREATE INDEX IF NOT EXISTS rejections_ts ON rejections (ts);
 REASON_MAX = 200
 # Columns added after the first release: a log written by an older server gets them (empty) when it is opened, and
 # the monitor recomputes what they would hold from the stored images.
-LATER_COLUMNS = {"bundle_sha256": "TEXT", "features": "TEXT", "embedding": "BLOB"}
+LATER_COLUMNS = {"bundle_sha256": "TEXT", "features": "TEXT", "embedding": "BLOB", "ood_score": "REAL"}
 
 
 @dataclass
@@ -99,6 +100,7 @@ class PredictionRecord:
     bundle_sha256: str | None = None
     embedding: np.ndarray | None = None  # float32; stored as bytes
     features: dict[str, float] | None = None  # filled by the writer thread from the pixels given to ``append``
+    ood_score: float | None = None
 
 
 @dataclass

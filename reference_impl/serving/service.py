@@ -238,15 +238,20 @@ class InferenceService:
         # Plain Python floats and ints from here on: one numpy call per request, not one per image and field.
         winners = result.probabilities.argmax(axis=1).tolist()
         embeddings = result.embeddings if result.embeddings is not None else [None] * len(images)
-        for i, (im, (mean, std), probs, k, emb) in enumerate(
-            zip(images, prepared.stats, result.probabilities.tolist(), winners, embeddings, strict=True)
+        ood_scores = result.ood_scores.tolist() if result.ood_scores is not None else [None] * len(images)
+        for i, (im, (mean, std), probs, k, emb, ood) in enumerate(
+            zip(images, prepared.stats, result.probabilities.tolist(), winners, embeddings, ood_scores, strict=True)
         ):
             label, conf = handle.classes[k], probs[k]
             m.predictions.labels(role=role, version=handle.version, label=label).inc()
             m.confidence.observe(conf)
             prob_map = dict(zip(handle.classes, probs, strict=True))
+            flagged = ood is not None and ood > 1.0
+            if flagged:
+                m.flagged.labels(reason="out_of_distribution").inc()
             predictions.append({"label": label, "confidence": conf, "probabilities": prob_map,
-                                "input_sha256": im.sha256})  # fmt: skip
+                                "input_sha256": im.sha256, "ood_score": ood,
+                                "out_of_distribution": flagged})  # fmt: skip
             self.log.append(
                 PredictionRecord(
                     now,
@@ -270,6 +275,7 @@ class InferenceService:
                     latency_ms=total_s * 1000,
                     bundle_sha256=handle.bundle_sha256,
                     embedding=emb,
+                    ood_score=ood,
                 ),
                 im.payload,
                 im.pixels,
@@ -298,10 +304,15 @@ class InferenceService:
                     route: str, request_id: str) -> None:  # fmt: skip
         try:
             start = time.perf_counter()
-            probs, embeddings = challenger.infer(challenger.preprocess([im.pixels for im in images]))
+            outputs = challenger.infer(challenger.preprocess([im.pixels for im in images]))
+            probs = outputs.probabilities
+            embeddings = outputs.embeddings if outputs.embeddings is not None else [None] * len(images)
+            oods = outputs.ood_scores.tolist() if outputs.ood_scores is not None else [None] * len(images)
             latency_ms = (time.perf_counter() - start) * 1000
             now = time.time()
-            for i, (im, p, champ, emb) in enumerate(zip(images, probs, champion_labels, embeddings, strict=True)):
+            for i, (im, p, champ, emb, ood) in enumerate(
+                zip(images, probs, champion_labels, embeddings, oods, strict=True)
+            ):
                 k = int(np.argmax(p))
                 label = challenger.classes[k]
                 agree = label == champ
@@ -313,7 +324,7 @@ class InferenceService:
                     int(im.pixels.shape[1]), int(im.pixels.shape[0]), "I;16" if im.bit_depth == 16 else "L",
                     im.bit_depth, mean, std, label, float(p[k]),
                     {c: float(v) for c, v in zip(challenger.classes, p, strict=True)}, agree, latency_ms,
-                    challenger.bundle_sha256, emb), None, im.pixels)  # fmt: skip
+                    challenger.bundle_sha256, emb, ood_score=ood), None, im.pixels)  # fmt: skip
         except Exception:  # a broken challenger must never affect the champion: count it, log it, move on
             self.metrics.shadow_errors.inc()
             log.exception("shadow inference failed for request %s", request_id)

@@ -33,6 +33,7 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
 PIXEL_TYPES = {"UINT8": np.uint8, "UINT16": np.uint16, "FP32": np.float32}
 OUTPUTS = ("probabilities", "label", "class_index")
+OOD_OUTPUTS = ("ood_score", "out_of_distribution")  # when the bundle has an out-of-distribution detector
 INPUT = "image"
 # Triton's platform names, so stock tooling recognises what runs the model
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torch": "pytorch_libtorch"}
@@ -92,6 +93,14 @@ async def model_metadata(request: Request, name: str) -> dict[str, Any]:
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
             {"name": "label", "datatype": "BYTES", "shape": [-1]},
             {"name": "class_index", "datatype": "INT64", "shape": [-1]},
+            *(
+                [
+                    {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
+                    {"name": "out_of_distribution", "datatype": "BOOL", "shape": [-1]},
+                ]
+                if handle.ood is not None
+                else []
+            ),
         ],
         "parameters": {"labels": list(handle.classes), "accepts": "UINT8/UINT16/FP32 pixels or BYTES image files"},
     }
@@ -252,6 +261,12 @@ def _encode_output(name: str, values: np.ndarray | list[str], binary: bool) -> t
             return {**spec, "parameters": {"binary_data_size": len(raw)}}, raw
         return {**spec, "data": [b.decode() for b in items]}, b""
     arr = np.asarray(values)
+    if arr.dtype == np.bool_:  # BOOL: one byte per element in binary form, true/false in JSON
+        spec = {"name": name, "datatype": "BOOL", "shape": list(arr.shape)}
+        if binary:
+            raw = arr.astype(np.uint8).tobytes()
+            return {**spec, "parameters": {"binary_data_size": len(raw)}}, raw
+        return {**spec, "data": arr.ravel().tolist()}, b""
     datatype = "FP32" if arr.dtype == np.float32 else "INT64"
     spec = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
     if binary:
@@ -264,7 +279,7 @@ def _encode_output(name: str, values: np.ndarray | list[str], binary: bool) -> t
 @router.post("/models/{name}/versions/{version}/infer")
 async def infer(request: Request, name: str) -> Response:
     request.app.state.require_predict_key(request)
-    _check_model(request, name, _path_version(request))
+    handle = _check_model(request, name, _path_version(request))
     config = request.app.state.config
     body = await read_body(request, config.max_body_bytes)
     payload, binary = _split_binary(body, request.headers.get("inference-header-content-length"))
@@ -276,12 +291,13 @@ async def infer(request: Request, name: str) -> Response:
     images, _ = await run_in_threadpool(_tensor_images, inputs[0], binary, 0, config.max_pixels)
     params = _parameters(payload, "request")
     requested = payload.get("outputs")
+    available = OUTPUTS + (OOD_OUTPUTS if handle.ood is not None else ())
     if requested is None:
-        wanted = [(o, bool(params.get("binary_data_output", False))) for o in OUTPUTS]
+        wanted = [(o, bool(params.get("binary_data_output", False))) for o in available]
     elif isinstance(requested, list) and all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
-        unknown = [o["name"] for o in requested if o["name"] not in OUTPUTS]
+        unknown = [o["name"] for o in requested if o["name"] not in available]
         if unknown:
-            raise ClientError(400, f"unknown output(s) {unknown}; this model has {list(OUTPUTS)}")
+            raise ClientError(400, f"unknown output(s) {unknown}; this model has {list(available)}")
         wanted = [(o["name"], bool(_parameters(o, f"output {o['name']!r}").get(
                       "binary_data", params.get("binary_data_output", False)))) for o in requested]  # fmt: skip
     else:
@@ -302,6 +318,9 @@ async def infer(request: Request, name: str) -> Response:
         "probabilities": np.array([[p["probabilities"][c] for c in classes] for p in preds], dtype=np.float32),
         "label": [p["label"] for p in preds],
         "class_index": np.array([classes.index(p["label"]) for p in preds], dtype=np.int64),
+        # 0.0 for an answer without a score: a canary challenger packaged before the detector existed
+        "ood_score": np.array([p["ood_score"] or 0.0 for p in preds], dtype=np.float32),
+        "out_of_distribution": np.array([p["out_of_distribution"] for p in preds], dtype=bool),
     }
     outputs, blobs = [], []
     for out_name, as_binary in wanted:
