@@ -574,5 +574,6 @@ def test_a_queue_made_before_out_of_distribution_existed_accepts_it(tmp_path: Pa
     queue = ReviewQueue(Settings(state_dir=tmp_path), classes=("good", "crack"))
     new_id = queue.enqueue("b" * 64, reason="out_of_distribution", confidence=0.99)
     assert new_id == 2 and queue.get(1).reason == "low_confidence" and queue.get(2).reason == "out_of_distribution"
-    assert queue.claim("ann", n=2)[0].id == 2, "an out-of-distribution image outranks a low-confidence one"
+    queue.enqueue("c" * 64, reason="low_confidence", confidence=0.4)
+    assert [i.reason for i in queue.claim("ann", n=3)] == ["low_confidence", "out_of_distribution", "low_confidence"]
     ReviewQueue(Settings(state_dir=tmp_path), classes=("good", "crack"))  # opening again: nothing to rebuild

@@ -37,14 +37,15 @@ if TYPE_CHECKING:
     from ..settings import Settings
 
 # Reasons in order of precedence: an image flagged for several reasons is queued once, under the first one.
-REASONS = ("shadow_disagreement", "out_of_distribution", "low_confidence", "drifted_window", "random_audit")
+REASONS = ("shadow_disagreement", "low_confidence", "drifted_window", "random_audit", "out_of_distribution")
 STATUSES = ("pending", "claimed", "labelled", "skipped")
 # Higher is reviewed first. A disagreement between two models is the most informative label we can buy (one of
 # them is wrong); then uncertain predictions; audit items rank above drifted-window items so that a large drifted
 # window cannot starve the audit sample the accuracy estimate depends on. Within a reason, less confident first.
-# An out-of-distribution image comes next: the model's answer to it means little however confident it looks (a
-# photograph gets "crack" at 0.99), and only a person can say what it is and whether the line should send such images.
-BASE_PRIORITY = {"shadow_disagreement": 3.0, "out_of_distribution": 2.5, "low_confidence": 2.0, "random_audit": 1.5,
+# Images the server flagged as out of distribution (a photograph answered "crack" at 0.99) are queued when no other
+# reason applies, after the audit (so they cannot starve the unbiased sample either) and before the rest of a
+# drifted window: only a person can say what they are and whether the line should send such images.
+BASE_PRIORITY = {"shadow_disagreement": 3.0, "low_confidence": 2.0, "random_audit": 1.5, "out_of_distribution": 1.2,
                  "drifted_window": 1.0}  # fmt: skip
 
 SCHEMA = """
@@ -324,13 +325,14 @@ class ReviewQueue:
     ) -> int:
         """Scan the prediction log and queue what deserves a human look; returns the number of items added.
 
-        - served answers the server flagged as out of distribution (``ood_score`` above 1) -> ``out_of_distribution``;
         - served answers (champion or canary rows) with confidence below ``confidence_below`` -> ``low_confidence``;
         - shadow rows that disagree with the champion -> ``shadow_disagreement`` (the item shows the champion's
           answer, the one the line acted on);
         - served answers whose ``request_id`` is in ``window_request_ids`` (a window the drift tests flagged)
           -> ``drifted_window``;
-        - a deterministic sample of ``audit_fraction`` of the remaining, *confident* answers -> ``random_audit``.
+        - a deterministic sample of ``audit_fraction`` of the remaining, *confident* answers -> ``random_audit``;
+        - the remaining answers the server flagged as out of distribution (``ood_score`` above 1)
+          -> ``out_of_distribution``.
 
         Why the audit? Reviewing only what the model flags gives a biased picture of its accuracy. Low-confidence
         items are the hard cases, so accuracy measured on them understates the model's accuracy; worse, the errors
@@ -361,14 +363,14 @@ class ReviewQueue:
                 if not (include_shadow_disagreements and r["agrees_with_champion"] == 0):
                     continue
                 reason, row = "shadow_disagreement", served.get((r["request_id"], r["item"]), r)
-            elif (r.get("ood_score") or 0.0) > 1.0:
-                reason, row = "out_of_distribution", r
             elif r["confidence"] < confidence_below:
                 reason, row = "low_confidence", r
             elif r["request_id"] in window:
                 reason, row = "drifted_window", r
             elif audit_fraction > 0 and audit_pick(r["input_sha256"], audit_fraction, self.settings.seed):
                 reason, row = "random_audit", r
+            elif (r.get("ood_score") or 0.0) > 1.0:
+                reason, row = "out_of_distribution", r
             else:
                 continue
             sha = r["input_sha256"]
