@@ -703,3 +703,12 @@ def test_ood_detector_round_trips_and_refuses_nonsense(profile_bundle: Path, tmp
     assert detector.scores(emb[:0], feats[:0]).shape == (0,)
     with pytest.raises(ValueError, match="false_flag_rate"):
         OODDetector.fit((emb, feats), (emb, feats), false_flag_rate=0.0)
+
+
+def test_image_features_of_an_image_thinner_than_3_pixels_are_finite() -> None:
+    """The server answers a 2x2 image (it is resized); its logged statistics must not be NaN."""
+    from reference_impl.monitoring.features import image_features
+
+    feats = image_features([np.full((2, 2), 100, np.uint8), np.zeros((1, 64), np.uint8)])
+    assert all(np.isfinite(values).all() for values in feats.values())
+    assert feats["sharpness"].tolist() == [0.0, 0.0] and feats["brightness"][0] == pytest.approx(100 / 255)

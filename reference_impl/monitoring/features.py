@@ -37,23 +37,28 @@ def stack_features(x: np.ndarray) -> np.ndarray:
     flat = x.reshape(n, -1)
     brightness = flat.mean(axis=1)
     contrast = flat.std(axis=1)
-    # Sharpness: variance of the 4-neighbour Laplacian. Blur (a softer lens) lowers it; noise raises it.
-    lap = x[:, 1:-1, :-2] + x[:, 1:-1, 2:] + x[:, :-2, 1:-1] + x[:, 2:, 1:-1] - 4 * x[:, 1:-1, 1:-1]
-    sharpness = lap.reshape(n, -1).var(axis=1)
-    # Noise: Immerkaer's estimator. The 3x3 mask below cancels smooth image structure (up to second order), so
-    # what is left is mostly sensor noise: sigma = sqrt(pi/2) * mean|M * I| / 6.
-    m = (
-        x[:, :-2, :-2]
-        - 2 * x[:, :-2, 1:-1]
-        + x[:, :-2, 2:]
-        - 2 * x[:, 1:-1, :-2]
-        + 4 * x[:, 1:-1, 1:-1]
-        - 2 * x[:, 1:-1, 2:]
-        + x[:, 2:, :-2]
-        - 2 * x[:, 2:, 1:-1]
-        + x[:, 2:, 2:]
-    )
-    noise = np.sqrt(np.pi / 2) * np.abs(m).reshape(n, -1).mean(axis=1) / 6
+    if x.shape[1] < 3 or x.shape[2] < 3:
+        # Both filters need a 3x3 neighbourhood: an image thinner than 3 pixels (a client's mistake the server
+        # still answers) has no measurable sharpness or noise, and NaN would poison a window's statistics.
+        sharpness = noise = np.zeros(n)
+    else:
+        # Sharpness: variance of the 4-neighbour Laplacian. Blur (a softer lens) lowers it; noise raises it.
+        lap = x[:, 1:-1, :-2] + x[:, 1:-1, 2:] + x[:, :-2, 1:-1] + x[:, 2:, 1:-1] - 4 * x[:, 1:-1, 1:-1]
+        sharpness = lap.reshape(n, -1).var(axis=1)
+        # Noise: Immerkaer's estimator. The 3x3 mask below cancels smooth image structure (up to second order), so
+        # what is left is mostly sensor noise: sigma = sqrt(pi/2) * mean|M * I| / 6.
+        m = (
+            x[:, :-2, :-2]
+            - 2 * x[:, :-2, 1:-1]
+            + x[:, :-2, 2:]
+            - 2 * x[:, 1:-1, :-2]
+            + 4 * x[:, 1:-1, 1:-1]
+            - 2 * x[:, 1:-1, 2:]
+            + x[:, 2:, :-2]
+            - 2 * x[:, 2:, 1:-1]
+            + x[:, 2:, 2:]
+        )
+        noise = np.sqrt(np.pi / 2) * np.abs(m).reshape(n, -1).mean(axis=1) / 6
     # Entropy of a 64-bin intensity histogram (bits): a flatter, washed-out image has less.
     bins = np.clip((flat * 64).astype(np.int64), 0, 63)
     counts = np.bincount((bins + 64 * np.arange(n)[:, None]).ravel(), minlength=64 * n).reshape(n, 64)

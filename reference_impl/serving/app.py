@@ -297,7 +297,9 @@ def create_app(settings: Settings | None = None, config: ServingConfig | None = 
         metrics.queue_depth.set(service.batcher.depth)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    from .openapi import document
     from .v2 import router as v2_router
 
     app.include_router(v2_router)
+    document(app)  # the real request bodies and statuses (the routes read their bodies themselves)
     return app
