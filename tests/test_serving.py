@@ -378,6 +378,41 @@ def test_metrics(client, weld_pngs):
 
 
 # ------------------------------------------------------------------------------------------------------- v2
+def test_compressed_request_bodies(client, weld_pngs):
+    """gzip / deflate bodies (tritonclient's request_compression_algorithm) are decoded; other codings, damaged
+    streams and bodies that expand past the limit are the client's mistakes."""
+    import gzip
+    import zlib
+
+    plain = client.post("/v1/predict", content=weld_pngs[0], headers=PNG).json()
+    for name, packed in (("gzip", gzip.compress(weld_pngs[0])), ("deflate", zlib.compress(weld_pngs[0]))):
+        r = client.post("/v1/predict", content=packed, headers={**PNG, "content-encoding": name})
+        assert r.status_code == 200 and r.json()["probabilities"] == plain["probabilities"], (name, r.text)
+    body = json.dumps(tensor("UINT8", [2, 2], [0] * 4)).encode()
+    r = client.post(INFER, content=gzip.compress(body), headers={"content-type": "application/json",
+                                                                 "content-encoding": "gzip"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert_client_error(
+        client.post("/v1/predict", content=weld_pngs[0], headers={**PNG, "content-encoding": "br"}), 415
+    )
+    broken = gzip.compress(weld_pngs[0])[:-20]
+    assert "truncated" in assert_client_error(
+        client.post("/v1/predict", content=broken, headers={**PNG, "content-encoding": "gzip"}), 400
+    )
+    assert_client_error(
+        client.post("/v1/predict", content=b"not gzip", headers={**PNG, "content-encoding": "gzip"}), 400
+    )
+
+
+def test_a_compressed_body_cannot_expand_past_the_limit(limited_client):
+    import gzip
+
+    bomb = gzip.compress(b"\0" * (4 * 1024 * 1024))  # 4 MiB of zeros in ~4 KB; the limit is 256 KiB
+    assert len(bomb) < 10_000
+    r = limited_client.post("/v1/predict", content=bomb, headers={**PNG, "content-encoding": "gzip"})
+    assert "expands beyond the limit" in assert_client_error(r, 413)
+
+
 def test_protocol_details_stock_clients_check(client):
     """405 names the allowed methods; the unversioned routes take no version from the query string."""
     r = client.get("/v1/predict")

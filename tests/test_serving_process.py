@@ -85,7 +85,10 @@ def test_real_server_with_tritonclient_and_a_durable_prediction_log(
                     triton.InferRequestedOutput("label", binary_data=True),
                 ]
                 request_id = f"triton-{i:03d}"
-                result = client.infer(MODEL, [image], outputs=outputs, request_id=request_id)
+                # every third request compressed the way tritonclient offers it (gzip, then deflate)
+                compression = (None, "gzip", "deflate")[i % 3]
+                result = client.infer(MODEL, [image], outputs=outputs, request_id=request_id,
+                                      request_compression_algorithm=compression)  # fmt: skip
                 expected_ids.append(request_id)
                 assert result.get_response()["id"] == request_id
                 assert result.as_numpy("label")[0].decode() == expected.labels[k]

@@ -18,6 +18,7 @@ import logging
 import re
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -52,7 +53,11 @@ def request_id_of(request: Request) -> str:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than ``limit`` bytes *while reading* (a lying or absent Content-Length
-    cannot make us buffer an unbounded upload)."""
+    cannot make us buffer an unbounded upload). A gzip or deflate body (``Content-Encoding``, as tritonclient's
+    ``request_compression_algorithm`` sends it) is decompressed, with the same limit on what it expands to."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "deflate"):
+        raise ClientError(415, f"unsupported Content-Encoding {encoding!r}; send gzip, deflate or an uncompressed body")
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -65,7 +70,23 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise ClientError(413, f"payload exceeds the limit of {limit:,} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    return body if encoding == "identity" else _decompress(body, encoding, limit)
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    # zlib with a bounded output: a 10 KB "zip bomb" must not expand into gigabytes before the limit is checked.
+    # wbits 16+15 reads the gzip wrapper; 15 the zlib wrapper that HTTP calls "deflate".
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ClientError(400, f"the body is not valid {encoding} data ({exc})") from exc
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise ClientError(413, f"the {encoding} body expands beyond the limit of {limit:,} bytes")
+    if not inflater.eof:
+        raise ClientError(400, f"the {encoding} body is truncated")
+    return out
 
 
 async def read_images(request: Request, config: ServingConfig, *, many: bool) -> list[RawFile]:

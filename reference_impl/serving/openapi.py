@@ -114,7 +114,7 @@ ROUTES: dict[tuple[str, str], tuple[dict[str, Any] | None, tuple[int, ...], dict
     ("/v1/predict", "post"): (IMAGE_BODY, _PREDICT, _JSON_OBJECT),
     ("/v1/predict/batch", "post"): (IMAGE_BODY, _PREDICT, _JSON_OBJECT),
     ("/v1/admin/reload", "post"): (None, (401, 403, 409, 503), _JSON_OBJECT),
-    ("/v1/admin/rollout", "post"): (ROLLOUT_BODY, (400, 401, 403, 413), _JSON_OBJECT),
+    ("/v1/admin/rollout", "post"): (ROLLOUT_BODY, (400, 401, 403, 413, 415), _JSON_OBJECT),
     ("/metrics", "get"): (None, (), _METRICS),
     ("/v2", "get"): (None, (), _JSON_OBJECT),
     ("/v2/health/live", "get"): (None, (), _JSON_OBJECT),
